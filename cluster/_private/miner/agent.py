@@ -1,0 +1,203 @@
+"""The miner agent's decisions: which tickets to run, and running them (no Ray, no HTTP server).
+
+A ticket runs only if it is signed by the validator this agent joined, addressed to this
+agent's hotkey, unexpired (with the configured clock leeway) and never seen before (the
+seen-ticket store survives restarts). The spec comes from validator-core, signed by the same
+validator and bound to the ticket. Results are signed with the miner hotkey.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from cluster._private.envelope import SignedEnvelope, open_envelope, seal
+from cluster._private.http import ServiceClient
+from cluster._private.identity import Clock, Hotkey, system_clock
+from cluster._private.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime, ImageUnavailable
+from cluster._private.protocol import SpecGrant, StatusReport, Ticket, TicketFetch
+from cluster._private.settings import ExecutorClass
+from cluster.errors import EngineError, Refused, SignatureRejected, TicketRefused
+from jobs._private.models import Failure, FailureKind, JobResult, JobSpec, JobStatus
+
+log = logging.getLogger("rayhorde.agent")
+NS = 1_000_000_000
+AGENT_LABEL = "rayhorde.agent"
+
+
+class SeenTickets:
+    """Single-use tickets: a ticket id is recorded before its container starts."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("CREATE TABLE IF NOT EXISTS seen (ticket_id TEXT PRIMARY KEY, t_ns INTEGER)")
+        self._lock = threading.Lock()
+
+    def check_and_record(self, ticket_id: str, t_ns: int) -> bool:
+        with self._lock:
+            try:
+                self._db.execute("INSERT INTO seen VALUES (?, ?)", (ticket_id, t_ns))
+                return True
+            except sqlite3.IntegrityError:
+                return False
+
+
+class AgentCore:
+    def __init__(self, *, hotkey: Hotkey, validator_hotkey: str, validator: ServiceClient, runtime: ContainerRuntime,
+                 classes: dict[str, ExecutorClass], home: Path, max_skew_s: float, image_user: str = "65534:65534",
+                 clock: Clock = system_clock) -> None:
+        missing = REQUIRED & ~runtime.features
+        if missing:
+            raise EngineError(f"container runtime {type(runtime).__name__} lacks {missing}; refusing to run jobs")
+        self.hotkey = hotkey
+        self.validator_hotkey = validator_hotkey
+        self.validator = validator
+        self.runtime = runtime
+        self.classes = classes
+        self.home = home
+        self.max_skew_s = max_skew_s
+        self.image_user = image_user
+        self.clock = clock
+        home.mkdir(parents=True, exist_ok=True)
+        self.seen = SeenTickets(home / "seen_tickets.db")
+        self.running: set[str] = set()
+
+    # ---------------------------------------------------------------- entry points
+    def run_ticket(self, ticket_id: str, attempt: int) -> JobStatus:
+        """What the Ray task's poke triggers: fetch, verify, run, report. Returns the final status."""
+        bundle = self.validator.post_signed("/v1/tickets/fetch", seal(self.hotkey, "ticket_fetch",
+                                                                      TicketFetch(ticket_id=ticket_id), clock=self.clock))
+        return self.execute_bundle(bundle, ticket_id=ticket_id, attempt=attempt)
+
+    def execute_bundle(self, bundle: dict[str, Any], *, ticket_id: str, attempt: int) -> JobStatus:
+        ticket, spec = self.verify(bundle, ticket_id=ticket_id, attempt=attempt)
+        self.running.add(ticket.ticket_id)
+        try:
+            result = self._execute(ticket, spec)
+        finally:
+            self.running.discard(ticket.ticket_id)
+        self.validator.post_signed(f"/v1/jobs/{ticket.job_id}/result",
+                                   seal(self.hotkey, "job_result", result, clock=self.clock))
+        return JobStatus(result.status)
+
+    # ---------------------------------------------------------------- checks
+    def verify(self, bundle: dict[str, Any], *, ticket_id: str, attempt: int) -> tuple[Ticket, JobSpec]:
+        try:
+            t_env = SignedEnvelope.model_validate(bundle["ticket"])
+            s_env = SignedEnvelope.model_validate(bundle["spec"])
+            ticket = Ticket.model_validate(open_envelope(t_env, kind="ticket", max_skew_s=self.max_skew_s,
+                                                         signers=[self.validator_hotkey], check_time=False))
+            grant = SpecGrant.model_validate(open_envelope(s_env, kind="job_spec", max_skew_s=self.max_skew_s,
+                                                           signers=[self.validator_hotkey], clock=self.clock))
+        except SignatureRejected as exc:
+            raise TicketRefused("invalid_signature", f"ticket {ticket_id} refused: {exc.message}") from exc
+        except (KeyError, ValueError) as exc:
+            raise TicketRefused("malformed", f"ticket {ticket_id} refused: malformed bundle ({exc})") from exc
+        if ticket.ticket_id != ticket_id or grant.ticket_id != ticket_id or grant.job_id != ticket.job_id:
+            raise TicketRefused("malformed", f"ticket {ticket_id} refused: ticket, spec and request disagree")
+        if ticket.miner != self.hotkey.ss58:
+            raise TicketRefused("wrong_miner", f"ticket {ticket_id} is addressed to {ticket.miner}; this miner is "
+                                f"{self.hotkey.ss58}")
+        if ticket.attempt != attempt:
+            raise TicketRefused("wrong_attempt", f"ticket {ticket_id} is for attempt {ticket.attempt}, not {attempt}")
+        now = self.clock()
+        late_s = (now - ticket.expires_ns) / NS
+        if late_s > self.max_skew_s:
+            raise TicketRefused("ticket_expired", f"ticket {ticket_id} expired {late_s:.1f} s ago; "
+                                f"max skew {self.max_skew_s:g} s")
+        if not self.seen.check_and_record(ticket_id, now):
+            raise TicketRefused("ticket_replayed", f"ticket {ticket_id} was already run by this miner; tickets are "
+                                "single use")
+        return ticket, grant.spec
+
+    # ---------------------------------------------------------------- running
+    def _status(self, ticket: Ticket, status: JobStatus, detail: str = "") -> None:
+        try:
+            self.validator.post_signed(f"/v1/jobs/{ticket.job_id}/status", seal(
+                self.hotkey, "job_status", StatusReport(ticket_id=ticket.ticket_id, attempt=ticket.attempt,
+                                                        status=status, detail=detail), clock=self.clock))
+        except Refused as exc:  # progress reports are best effort; the signed result is what counts
+            log.warning("status %s for %s refused: %s", status.value, ticket.ticket_id, exc)
+
+    def _execute(self, ticket: Ticket, spec: JobSpec) -> JobResult:
+        cls = self.classes[ticket.executor_class]
+        base = dict(job_id=ticket.job_id, ticket_id=ticket.ticket_id, attempt=ticket.attempt,
+                    miner_hotkey=self.hotkey.ss58)
+        self._status(ticket, JobStatus.accepted)
+        workdir = self.home / "jobs" / ticket.ticket_id
+        artifacts = workdir / "artifacts"
+        artifacts.mkdir(parents=True, exist_ok=True)
+        artifacts.chmod(0o777)  # the job runs as an unprivileged uid and must be able to write here
+        try:
+            run = ContainerRun(image=spec.image, command=spec.command, env=spec.env, user=self.image_user,
+                               memory_mb=cls.memory_mb, cpus_milli=cls.cpus_milli, pids=cls.pids, tmp_mb=cls.tmp_mb,
+                               timeout_s=min(spec.execution_timeout_s, cls.max_execution_s),
+                               artifacts_host_dir=artifacts, artifacts_dir=spec.artifacts_dir,
+                               log_max_bytes=cls.log_max_bytes,
+                               labels={AGENT_LABEL: self.hotkey.ss58, "rayhorde.ticket": ticket.ticket_id,
+                                       "rayhorde.job": ticket.job_id})
+            self._status(ticket, JobStatus.executor_ready)
+            try:
+                out = self.runtime.run(run)
+            except ImageUnavailable as exc:
+                return JobResult(**base, status="failed", failure=Failure(
+                    kind=FailureKind.job_failure, reason="image_pull_failed", stage="image_pull", message=str(exc)))
+            except EngineError as exc:
+                return JobResult(**base, status="horde_failed", failure=Failure(
+                    kind=FailureKind.horde_failure, reason="executor_failed", stage="execution", message=str(exc)))
+            self._status(ticket, JobStatus.execution_done)
+            files, omitted = collect_artifacts(artifacts, spec.artifacts_dir, per_file_max=cls.artifact_file_max_bytes,
+                                               total_max=cls.artifacts_max_bytes)
+            return JobResult(**base, **_verdict(out, cls, ticket.executor_class), stdout=out.stdout, stderr=out.stderr,
+                             stdout_truncated=out.stdout_truncated, stderr_truncated=out.stderr_truncated,
+                             artifacts=files, artifacts_omitted=omitted, started_ns=out.started_ns,
+                             finished_ns=out.finished_ns)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def kill_all(self) -> int:
+        """Kill every container this agent started (shutdown, or its Ray node died)."""
+        return self.runtime.kill_labelled(AGENT_LABEL, self.hotkey.ss58)
+
+
+def _verdict(out: ContainerOutcome, cls: ExecutorClass, class_name: str) -> dict[str, Any]:
+    if out.timed_out:
+        return {"status": "failed", "exit_code": out.exit_code, "failure": Failure(
+            kind=FailureKind.job_failure, reason="timeout", stage="execution", exit_code=out.exit_code,
+            message="killed at the execution deadline")}
+    if out.oom_killed:
+        return {"status": "failed", "exit_code": out.exit_code, "failure": Failure(
+            kind=FailureKind.job_failure, reason="out_of_memory", stage="execution", exit_code=out.exit_code,
+            oom_killed=True, message=f"OOMKilled: the job exceeded the {cls.memory_mb} MB memory limit of "
+                                     f"{class_name} (exit {out.exit_code})")}
+    if out.exit_code != 0:
+        return {"status": "failed", "exit_code": out.exit_code, "failure": Failure(
+            kind=FailureKind.job_failure, reason="nonzero_return_code", stage="execution", exit_code=out.exit_code,
+            message=f"the job's command exited with {out.exit_code}")}
+    return {"status": "completed", "exit_code": 0}
+
+
+def collect_artifacts(root: Path, mount: str, *, per_file_max: int, total_max: int) -> tuple[dict[str, str], list[str]]:
+    """Regular files under ``root`` as {"<mount>/<rel>": base64}; links and files over the caps are omitted."""
+    files: dict[str, str] = {}
+    omitted: list[str] = []
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            key = f"{mount}/{path.relative_to(root).as_posix()}"
+            st = path.lstat()
+            if not path.is_file() or path.is_symlink() or st.st_size > per_file_max or total + st.st_size > total_max:
+                omitted.append(key)
+                continue
+            data = path.read_bytes()[:per_file_max]
+            total += len(data)
+            files[key] = base64.b64encode(data).decode()
+    return files, omitted

@@ -1,0 +1,116 @@
+"""Run a miner agent: ``python -m cluster._private.miner.main --config configs/miner.local.toml``.
+
+Lifecycle: clean up containers left by a previous run -> admission (challenge, signed join) ->
+executor API on a unix socket -> Ray worker node (a separate process with an allow-listed
+environment: no hotkey, wallet path or validator URL reaches Ray workers) -> report the node
+id -> signed heartbeats until SIGTERM -> kill containers, stop the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from cluster._private import ray_node
+from cluster._private.envelope import seal
+from cluster._private.http import ServiceClient
+from cluster._private.local_stack import find_free_port_base
+from cluster._private.identity import Hotkey, load_or_create_wallet
+from cluster._private.miner.agent import AgentCore
+from cluster._private.miner.docker_runtime import DockerRuntime
+from cluster._private.miner.executor_api import ExecutorServer
+from cluster._private.protocol import Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeStarted
+from cluster._private.settings import MinerSettings, load_executor_classes, load_settings
+from cluster._private.version import local_versions
+
+log = logging.getLogger("rayhorde.agent")
+
+
+def admit(client: ServiceClient, hotkey: Hotkey, settings: MinerSettings) -> JoinAccepted:
+    ch = Challenge.model_validate(client.post("/v1/admission/challenge",
+                                              ChallengeRequest(miner_hotkey=hotkey.ss58).model_dump()))
+    req = JoinRequest(validator=settings.validator_hotkey, challenge=ch.nonce, executor_classes=settings.executor_classes,
+                      proxy_url=settings.proxy_url, versions=local_versions())
+    return JoinAccepted.model_validate(client.post_signed("/v1/admission/join", seal(hotkey, "admission_join", req)))
+
+
+def wait_for_file(path: Path, proc, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"Ray worker node exited with {proc.returncode} before it was up")
+        time.sleep(0.1)
+    raise TimeoutError(f"Ray worker node did not come up within {timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    settings = load_settings(MinerSettings, args.config, env_prefix="RAYHORDE_MINER_")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{settings.name}] %(levelname)s %(message)s")
+    home = settings.home
+    home.mkdir(parents=True, exist_ok=True)
+    hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
+    runtime = DockerRuntime(settings.docker_host)
+    runtime.ping()
+    validator = ServiceClient(settings.validator_url, timeout_s=60)
+    core = AgentCore(hotkey=hotkey, validator_hotkey=settings.validator_hotkey, validator=validator, runtime=runtime,
+                     classes=load_executor_classes(settings.executor_classes_path), home=home,
+                     max_skew_s=settings.max_clock_skew_s)
+    left = core.kill_all()
+    if left:
+        log.warning("removed %d containers left by a previous run", left)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    accepted = admit(validator, hotkey, settings)
+    log.info("admitted by %s: resources %s", accepted.validator_hotkey, accepted.resources)
+    sock = home / "agent.sock"
+    sock.unlink(missing_ok=True)
+    server = ExecutorServer(core, str(sock))
+    server.start()
+    node_cwd = home / "node-cwd"  # an empty directory: what a Ray task on this node sees as its cwd
+    node_cwd.mkdir(exist_ok=True)
+    node_file = home / "node.json"
+    node_file.unlink(missing_ok=True)
+    temp_dir = settings.ray_temp_dir or Path(f"/tmp/rh-{hotkey.ss58[:8].lower()}")
+    proc = ray_node.start_worker(
+        gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
+        resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
+        node_ports_base=settings.node_port_base or find_free_port_base(), node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
+        cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock)})
+    try:
+        node = wait_for_file(node_file, proc, timeout_s=60)
+        validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node["node_id"])))
+        log.info("Ray node %s up (pid %s); serving tickets on %s", node["node_id"], proc.pid, sock)
+        while not stop.wait(accepted.heartbeat_interval_s):
+            if proc.poll() is not None:
+                # Our Ray node died: its tasks are gone, so its containers must go too (DESIGN §2).
+                log.error("Ray node exited with %s; killing %d containers", proc.returncode, core.kill_all())
+                return 1
+            try:
+                validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
+                                                            Heartbeat(running_tickets=sorted(core.running))))
+            except Exception as exc:  # validator-core may be restarting; keep serving
+                log.warning("heartbeat failed: %s", exc)
+        return 0
+    finally:
+        killed = core.kill_all()
+        ray_node.stop_process(proc)
+        server.stop()
+        sock.unlink(missing_ok=True)
+        log.info("stopped (killed %d containers)", killed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

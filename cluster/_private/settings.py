@@ -1,0 +1,151 @@
+"""Typed settings with local defaults, overridable by a TOML file and then the environment.
+
+Precedence (last wins): model defaults < TOML file < ``RAYHORDE_<ROLE>_<FIELD>`` variables <
+explicit keyword overrides. Environment values are parsed as JSON when they look like JSON
+(lists, numbers, tables), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RAYHORDE_HOME", Path.home() / ".rayhorde"))
+
+
+class ExecutorClass(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    memory_mb: int = Field(gt=0)
+    cpus_milli: int = Field(gt=0)
+    pids: int = Field(gt=0)
+    gpus: int = Field(ge=0, default=0)
+    max_execution_s: int = Field(gt=0)
+    tmp_mb: int = Field(gt=0, default=64)
+    artifacts_max_bytes: int = Field(gt=0)
+    artifact_file_max_bytes: int = Field(gt=0)
+    log_max_bytes: int = Field(gt=0)
+
+
+def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
+    path = _resolve(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+        return {name: ExecutorClass.model_validate(body) for name, body in raw["classes"].items()}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"executor classes file {path} does not exist") from exc
+    except (tomllib.TOMLDecodeError, KeyError, ValidationError) as exc:
+        raise ConfigError(f"executor classes file {path} is malformed: {exc}") from exc
+
+
+class ValidatorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    netuid: int = 12
+    home: Path = Field(default_factory=lambda: default_home() / "validator")
+    wallet_dir: Path = Field(default_factory=lambda: default_home() / "wallets")
+    wallet: str = "validator"
+    wallet_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8750
+    db_url: str | None = None  # default: sqlite file under home
+    metagraph_path: Path = Path("configs/metagraph.local.json")
+    executor_classes_path: Path = Path("configs/executor_classes.toml")
+    users: list[str] = []
+    banned_hotkeys: list[str] = []
+    max_clock_skew_s: float = Field(gt=0, default=5)
+    ticket_ttl_s: float = Field(gt=0, default=60)
+    challenge_ttl_s: float = Field(gt=0, default=30)
+    capability_max_ttl_s: float = Field(gt=0, default=3600)
+    heartbeat_interval_s: float = Field(gt=0, default=2)
+    heartbeat_timeout_s: float = Field(gt=0, default=10)
+    ray_port_base: int = 6380
+    ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>
+    ray_token_path: Path | None = None  # default: <home>/ray_token
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'validator.db'}"
+
+    def gcs_address(self) -> str:
+        return self.ray_gcs_address or f"127.0.0.1:{self.ray_port_base}"
+
+    def token_path(self) -> Path:
+        return self.ray_token_path or self.home / "ray_token"
+
+
+class MinerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "miner"
+    home: Path = Field(default_factory=lambda: default_home() / "miner")
+    wallet_dir: Path = Field(default_factory=lambda: default_home() / "wallets")
+    wallet: str = "miner"
+    wallet_uri: str | None = None
+    validator_url: str = "http://127.0.0.1:8750"
+    validator_hotkey: str
+    executor_classes: dict[str, int] = {"always_on.test": 1}
+    executor_classes_path: Path = Path("configs/executor_classes.toml")
+    proxy_url: str = ""
+    num_cpus: int = Field(ge=0, default=1)
+    object_store_mb: int = Field(ge=50, default=80)
+    node_port_base: int = 0  # 0: pick free ports
+    ray_temp_dir: Path | None = None  # keep short: unix socket paths are limited to 107 bytes
+    max_clock_skew_s: float = Field(gt=0, default=5)
+    docker_host: str = "unix:///run/rayhorde-docker.sock"
+    image_user: str = "65534:65534"
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_settings(model: type[M], path: str | Path | None, *, env_prefix: str, **overrides: Any) -> M:
+    """Build ``model`` from defaults, the TOML file at ``path``, the environment and ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = _resolve(path)
+        try:
+            data.update(tomllib.loads(p.read_text()))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"settings file {p} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"settings file {p} is not valid TOML: {exc}") from exc
+    for name in model.model_fields:
+        value = os.environ.get(f"{env_prefix}{name.upper()}")
+        if value is not None:
+            data[name] = _parse_env(value)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {model.__name__} (from {path or 'defaults'} + environment): {exc}") from exc
+    for name, value in settings:
+        if isinstance(value, Path) and not value.is_absolute() and name.endswith("_path"):
+            setattr(settings, name, _resolve(value))
+    return settings
+
+
+def _parse_env(value: str) -> Any:
+    if value[:1] in "[{" or value.replace(".", "", 1).isdigit() or value in ("true", "false"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p

@@ -1,0 +1,127 @@
+"""validator-core's HTTP API (FastAPI), a thin layer over :class:`ValidatorCore`.
+
+Signed endpoints take a :class:`SignedEnvelope` as the JSON body; user endpoints take a
+capability as ``Authorization: Bearer``. Errors are ``{"error": {"reason", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from cluster._private.envelope import SignedEnvelope
+from cluster._private.protocol import ChallengeRequest
+from cluster._private.validator.service import ValidatorCore
+from cluster.errors import InvalidSpec, Refused, SignatureRejected
+from jobs._private.models import JobSpec
+
+
+def _signed(body: Any) -> SignedEnvelope:
+    try:
+        return SignedEnvelope.model_validate(body)
+    except ValidationError as exc:
+        raise SignatureRejected("unsigned", "this endpoint takes a signed envelope {v, kind, payload, signer, t, "
+                                f"nonce, sig}}; got something else ({exc.error_count()} problems)",
+                                status_code=401) from exc
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if authorization and authorization.startswith("Bearer "):
+        return authorization[len("Bearer "):].strip()
+    return None
+
+
+def build_app(core: ValidatorCore) -> FastAPI:
+    app = FastAPI(title="rayhorde validator-core", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(Refused)
+    async def _refused(_: Request, exc: Refused) -> JSONResponse:
+        return JSONResponse({"error": {"reason": exc.reason, "message": exc.message}},
+                            status_code=exc.status_code or 403)
+
+    @app.exception_handler(InvalidSpec)
+    async def _invalid(_: Request, exc: InvalidSpec) -> JSONResponse:
+        return JSONResponse({"error": {"reason": "invalid_spec", "message": str(exc)}}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(ValidationError)
+    async def _malformed(_: Request, exc: Exception) -> JSONResponse:
+        errors = exc.errors() if hasattr(exc, "errors") else []
+        parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ()) if p != "body"), e.get("msg"))
+                 for e in errors[:8]]
+        return JSONResponse({"error": {"reason": "malformed", "message": "; ".join(parts) or str(exc)}},
+                            status_code=422)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, Any]:
+        return {"ok": True, "validator": core.hotkey.ss58}
+
+    @app.get("/v1/status")
+    def status() -> dict[str, Any]:
+        return core.cluster_status()
+
+    @app.post("/v1/admission/challenge")
+    def challenge(req: ChallengeRequest) -> dict[str, Any]:
+        return core.challenge(req).model_dump()
+
+    @app.post("/v1/admission/join")
+    def join(body: dict[str, Any]) -> dict[str, Any]:
+        return core.join(_signed(body)).model_dump()
+
+    @app.post("/v1/admission/node")
+    def node(body: dict[str, Any]) -> dict[str, Any]:
+        core.node_started(_signed(body))
+        return {"ok": True}
+
+    @app.post("/v1/heartbeat")
+    def heartbeat(body: dict[str, Any]) -> dict[str, Any]:
+        core.heartbeat(_signed(body))
+        return {"ok": True}
+
+    @app.post("/v1/capabilities")
+    def capability(body: dict[str, Any]) -> dict[str, Any]:
+        return {"capability": core.issue_capability(_signed(body))}
+
+    @app.post("/v1/jobs")
+    def submit(spec: dict[str, Any], authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        cap = core.check_capability(_bearer(authorization))
+        try:
+            parsed = JobSpec.model_validate(spec)
+        except ValidationError as exc:
+            raise InvalidSpec(_describe(exc)) from exc
+        return core.register_job(cap, parsed).model_dump()
+
+    @app.get("/v1/jobs")
+    def list_jobs(authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
+        cap = core.check_capability(_bearer(authorization))
+        return [v.model_dump(mode="json") for v in core.list_jobs(cap)]
+
+    @app.get("/v1/jobs/{job_id}")
+    def get_job(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        cap = core.check_capability(_bearer(authorization))
+        return core.get_job(cap, job_id).model_dump(mode="json")
+
+    @app.post("/v1/tickets/fetch")
+    def fetch_ticket(body: dict[str, Any]) -> dict[str, Any]:
+        return core.fetch_ticket(_signed(body))
+
+    @app.post("/v1/jobs/{job_id}/status")
+    def report_status(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        core.report_status(job_id, _signed(body))
+        return {"ok": True}
+
+    @app.post("/v1/jobs/{job_id}/result")
+    def report_result(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        core.report_result(job_id, _signed(body))
+        return {"ok": True}
+
+    return app
+
+
+def _describe(exc: ValidationError) -> str:
+    return "job spec is invalid: " + "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()[:8])

@@ -1,0 +1,51 @@
+"""Run validator-core: ``python -m cluster._private.validator.main --config configs/validator.local.toml``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import secrets
+from pathlib import Path
+
+import uvicorn
+
+from cluster._private.chain import LocalChain
+from cluster._private.identity import load_or_create_wallet
+from cluster._private.settings import ValidatorSettings, load_settings
+from cluster._private.validator.app import build_app
+from cluster._private.validator.service import ValidatorCore
+
+
+def read_or_create_token(path: Path) -> str:
+    """The Ray cluster token: one shared secret per cluster epoch (DESIGN §1), stored 0600."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(32)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(token)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return token
+
+
+def build_core(settings: ValidatorSettings) -> ValidatorCore:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
+    return ValidatorCore(settings, hotkey=hotkey, chain=LocalChain(settings.metagraph_path),
+                         ray_token=read_or_create_token(settings.token_path()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s validator-core %(levelname)s %(message)s")
+    settings = load_settings(ValidatorSettings, args.config, env_prefix="RAYHORDE_VALIDATOR_")
+    core = build_core(settings)
+    logging.info("validator %s on %s (db %s)", core.hotkey.ss58, settings.url, settings.resolved_db_url())
+    uvicorn.run(build_app(core), host=settings.host, port=settings.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

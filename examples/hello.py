@@ -1,0 +1,23 @@
+"""The peer system's hello-world job, as a Ray driver script.
+
+    ray job submit --address http://127.0.0.1:<dashboard> --working-dir . \
+        --runtime-env-json '{"env_vars": {"RAYHORDE_VALIDATOR_URL": "...", "RAYHORDE_CAPABILITY": "..."}}' \
+        -- python examples/hello.py
+
+`rayhorde up` prints this command with the values filled in.
+"""
+
+import os
+
+import jobs
+
+handle = jobs.submit({
+    "image": os.environ.get("RAYHORDE_TEST_IMAGE", "rayhorde/busybox:local"),
+    "command": ["sh", "-c", 'echo "Hello, $NAME!" | tee -a /artifacts/stuff'],
+    "env": {"NAME": os.environ.get("HELLO_NAME", "rayhorde")},
+    "executor_class": "always_on.test",
+    "execution_timeout_s": 60,
+})
+view = handle.result(timeout_s=180)
+print(f"job {view.job_id}: status {view.status.value}, miner {view.miner_hotkey}")
+print(f"artifact /artifacts/stuff = {view.artifact('/artifacts/stuff').decode()!r}")

@@ -1,0 +1,27 @@
+"""The organic Ray task: it runs on the miner's node and only pokes the local agent.
+
+Its arguments are a ticket id and an attempt number, nothing else (DESIGN §1: anything a task
+carries is visible to every cluster member). It returns a small dict the driver may read; the
+authoritative result is the signed one the agent posts to validator-core.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+
+AGENT_SOCKET_ENV = "RAYHORDE_AGENT_SOCKET"
+
+
+def organic_task(ticket_id: str, attempt: int) -> dict[str, Any]:
+    sock = os.environ.get(AGENT_SOCKET_ENV)
+    if not sock:
+        return {"ok": False, "reason": "no_agent", "message": f"{AGENT_SOCKET_ENV} is not set on this node"}
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=None) as client:
+            resp = client.post("http://agent/v1/run", json={"ticket_id": ticket_id, "attempt": attempt})
+        return resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return {"ok": False, "reason": "agent_unreachable", "message": f"agent at {sock}: {exc!r}"}
