@@ -1,23 +1,20 @@
 """Launching the Ray processes of rayhorde, each in its own OS process, on 127.0.0.1, token auth on.
 
-Why things are the way they are (Ray 2.60.0, see DESIGN.md section 3):
-
-* On Linux Ray rewrites 127.0.0.1 to the routable address and listens on all interfaces.
-  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a node and its listeners on loopback, but then
-  ``ray start --address`` refuses to join ("multi-node not supported"). So the head is plain
-  ``ray start --head --block`` and every other node is this module's ``worker`` entry point,
-  which drives ``ray._private.node.Node`` directly (the API ``ray.cluster_utils.Cluster.add_node``
-  uses) from its own process.
-* Token auth is on by default in 2.60: every process needs ``RAY_AUTH_MODE=token`` and
-  ``RAY_AUTH_TOKEN``. The environment is built from an allow-list so the parent's secrets never
-  reach Ray workers (which run arbitrary code).
+Why (Ray 2.60.0, DESIGN.md section 3):
+* On Linux Ray rewrites 127.0.0.1 to the routable address and listens on all interfaces;
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a node on loopback, but then ``ray start
+  --address`` refuses to join. So the head is ``ray start --head --block`` and every other node is
+  this module's ``worker`` entry point, driving ``ray._private.node.Node`` (the API
+  ``ray.cluster_utils.Cluster.add_node`` uses) in its own process.
+* Token auth is on by default: every process needs ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``.
+  The environment comes from an allow-list: the parent's secrets never reach Ray workers.
 * Default ports collide when nodes share a host: every port is explicit (``HeadPorts``).
-* ``ray stop`` kills every Ray process on the machine: never use it. Each launch runs in a new
-  session, so its process group (pgid == pid) holds the raylet, GCS, agents and workers, and
-  ``stop_process`` signals that group only.
+* ``ray stop`` kills every Ray process on the machine: each launch gets a new session and
+  ``stop_process`` signals only what it started.
 * Unix socket paths are limited to 107 bytes: keep ``temp_dir`` short (e.g. /tmp/rh-xxxx/n0).
-* Ray workers inherit the raylet's working directory, and the raylet inherits the launcher's:
-  ``start_worker(cwd=...)`` therefore decides where tasks run (give it an empty directory).
+  It is also the node's TMPDIR: the dashboard's forkserver (and vLLM) leave files there.
+* Ray workers inherit the raylet's working directory, which is the launcher's: the ``cwd`` given
+  here is where tasks run (measured: ``os.getcwd()`` in a task == that directory).
 """
 from __future__ import annotations
 
@@ -88,50 +85,46 @@ def ray_env(token: str, base_env: dict | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([venv_bin, src.get("PATH") or "/usr/local/bin:/usr/bin:/bin"])
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
-    env.update(
-        RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
-        # Keeps node IP resolution and listeners on 127.0.0.1 (DESIGN section 3).
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        # No usage-stats report (nothing leaves the machine).
-        RAY_USAGE_STATS_ENABLED="0",
-    )
+    # ..._CLUSTER=0 keeps node IP resolution and listeners on 127.0.0.1; no usage-stats report.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
     return env
 
 
-def _open_log(log_path: str):
+def _spawn(cmd: list[str], env: dict, log_path: str, cwd: str) -> subprocess.Popen:
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    return open(log_path, "ab", buffering=0)
+    os.makedirs(cwd, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as log:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1,
-               object_store_mb: int = 100, log_path: str,
-               extra_env: dict | None = None) -> subprocess.Popen:
-    """Start ``ray start --head --block`` in a new session; returns at once (see wait_head_ready)."""
+               object_store_mb: int = 100, log_path: str, extra_env: dict | None = None,
+               cwd: str | None = None) -> subprocess.Popen:
+    """Start ``ray start --head --block`` in a new session; returns at once (see wait_head_ready).
+
+    Head tasks run in ``cwd``, by default an empty ``<temp_dir>/cwd`` (not the session files)."""
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
         f"--node-ip-address={LOOPBACK}", f"--port={ports.gcs}",
         "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
-        f"--dashboard-port={ports.dashboard}",
-        f"--ray-client-server-port={ports.client_server}",
+        f"--dashboard-port={ports.dashboard}", f"--ray-client-server-port={ports.client_server}",
         f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
         f"--dashboard-agent-listen-port={ports.dashboard_agent_http}",
         f"--metrics-export-port={ports.metrics_export}",
         f"--runtime-env-agent-port={ports.runtime_env_agent}",
-        f"--node-manager-port={ports.node_manager}",
-        f"--object-manager-port={ports.object_manager}",
+        f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
         f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}",
         f"--num-cpus={num_cpus}", "--num-gpus=0",
         f"--object-store-memory={object_store_mb * 1024 * 1024}",
         f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
     # On SIGTERM a 2.60 head first "drains" itself for up to 30 s, which never completes for a
-    # head: 0 makes stop_process take ~2 s instead of ~30 s.
-    env = {**ray_env(token), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", **(extra_env or {})}
-    os.makedirs(temp_dir, exist_ok=True)
-    with _open_log(log_path) as log:
-        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=temp_dir)
+    # head: 0 makes stop_process take ~2-4 s instead of ~30 s.
+    env = {**ray_env(token), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": temp_dir,
+           **(extra_env or {})}
+    return _spawn(cmd, env, log_path, cwd or os.path.join(temp_dir, "cwd"))
 
 
 def wait_head_ready(ports: HeadPorts, token: str, timeout_s: float = 60) -> None:
@@ -167,40 +160,70 @@ def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict
         f"--object-store-mb={object_store_mb}", f"--ports-base={node_ports_base}",
         f"--node-id-file={os.path.abspath(node_id_file)}",
     ]
-    # cwd is an empty directory, so the launcher finds this package through PYTHONPATH.
-    env = {**ray_env(token), "PYTHONPATH": _REPO_ROOT, **(extra_env or {})}
-    os.makedirs(temp_dir, exist_ok=True)
-    with _open_log(log_path) as log:
-        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    # cwd is empty, so the launcher (and, inheriting it, Ray workers, which must import rayhorde
+    # modules that cloudpickle references by name) find this package through PYTHONPATH.
+    env = {**ray_env(token), "PYTHONPATH": _REPO_ROOT, "TMPDIR": temp_dir, **(extra_env or {})}
+    return _spawn(cmd, env, log_path, cwd)
+
+
+def _proc_table() -> dict[int, tuple[int, int, str, str]]:
+    """pid -> (ppid, pgid, state, starttime) from /proc (Linux); empty where /proc is missing."""
+    table = {}
+    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # comm may contain spaces
+        except (OSError, IndexError):
+            continue
+        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0], fields[19])
+    return table
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> starttime of every live descendant of pid (starttime guards against pid reuse)."""
+    table, out, todo = _proc_table(), {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, _, state, start) in table.items():
+            if ppid == parent and child not in out and state != "Z":
+                out[child] = start
+                todo.append(child)
+    return out
 
 
 def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
-    """Stop a process we started and its whole group (pgid == pid, start_new_session), never by name.
+    """Stop a process we started, its process group (pgid == pid, start_new_session) and its
+    descendants; never by name.
 
-    SIGTERM goes to the group leader first: ``ray start --block`` / our worker launcher then tear
-    their node down in order (~2 s). SIGTERM to the whole group at once kills the GCS under the
-    head's leader, which then hangs ~20-30 s. Stragglers get SIGTERM, then SIGKILL, as a group.
+    SIGTERM goes to the leader first: ``ray start --block`` / the worker launcher then tear their
+    node down in order (~0.3-4 s); SIGTERM to the whole group at once kills the GCS under the
+    head's leader, which then hangs ~20-30 s. Then SIGTERM and SIGKILL to the group. Ray's worker
+    processes (``ray::IDLE``, tasks, actors) get their OWN process groups, so descendants are
+    recorded first and any still alive at the end get SIGKILL by pid.
     """
     proc = proc_or_pid if isinstance(proc_or_pid, subprocess.Popen) else None
     pid = proc.pid if proc else int(proc_or_pid)
+    family = _descendants(pid)
 
-    def group_alive() -> bool:
+    def group_alive() -> bool:  # zombies don't count: here PID 1 reaps orphans only every ~1 s
         if proc is not None:
-            proc.poll()  # reap our child, else the zombie keeps the group "alive"
+            proc.poll()
         try:
             os.killpg(pid, 0)
-            return True
         except ProcessLookupError:
             return False
+        table = _proc_table()
+        return not table or any(g == pid and st != "Z" for _, g, st, _ in table.values())
 
-    def wait_gone(seconds: float) -> bool:
+    def stragglers() -> list[int]:
+        table = _proc_table()
+        return [p for p, start in family.items()
+                if p in table and table[p][3] == start and table[p][2] != "Z"]
+
+    def wait_until(done, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while group_alive():
-            if time.monotonic() >= deadline:
-                return False
+        while not done() and time.monotonic() < deadline:
             time.sleep(0.1)
-        return True
 
     steps = ((os.kill, signal.SIGTERM, timeout_s), (os.killpg, signal.SIGTERM, 3.0),
              (os.killpg, signal.SIGKILL, 5.0))
@@ -213,12 +236,15 @@ def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
             send(pid, sig)
         except ProcessLookupError:
             pass
-        wait_gone(wait_s)
-    if proc is not None:
+        wait_until(lambda: not group_alive(), wait_s)
+    wait_until(lambda: not stragglers(), 3.0)  # workers exit on their own once the raylet is gone
+    for p in stragglers():
         try:
-            proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
             pass
+    if proc is not None:
+        proc.poll()
 
 
 def _worker_main(argv: list[str]) -> int:

@@ -41,7 +41,7 @@ t1 = time.monotonic()
 @ray.remote(num_cpus=0, max_retries=0, resources={"miner:B": 0.001, "always_on.test": 1})
 def where():
     return {"node_id": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(),
-            "cwd_entries": sorted(os.listdir(".")), "pythonpath": os.environ.get("PYTHONPATH")}
+            "cwd_entries": sorted(os.listdir(".")), "canary": "RH_TEST_CANARY" in os.environ}
 out = ray.get(where.remote(), timeout=60)
 out.update(init_s=t1 - t0, first_task_s=time.monotonic() - t1)
 print(json.dumps(out), flush=True)
@@ -82,6 +82,13 @@ class LocalCluster:
         self.driver_result: dict | None = None
 
     def start(self) -> None:
+        os.environ["RH_TEST_CANARY"] = "secret"  # must not reach Ray processes (ray_env allow-list)
+        try:
+            self._start()
+        finally:
+            del os.environ["RH_TEST_CANARY"]
+
+    def _start(self) -> None:
         t0 = time.monotonic()
         self.procs["head"] = rn.start_head(ports=self.ports, temp_dir=f"{self.root}/head",
                                            token=self.token, log_path=f"{self.root}/head.log")
@@ -185,6 +192,7 @@ def test_pinned_task_lands_on_worker_b_in_its_cwd(cluster):
     assert res["node_id"] != cluster.node_ids["A"]
     # Tasks inherit the raylet's cwd, i.e. the empty directory given to start_worker.
     assert res["cwd"] == cluster.cwds["B"] and res["cwd_entries"] == []
+    assert not res["canary"]
 
 
 def test_every_listener_is_on_loopback(cluster):

@@ -1,0 +1,23 @@
+"""The public surfaces are small and exact (new public names are a deliberate change)."""
+
+import cluster
+import jobs
+import serve_apps
+
+
+def test_jobs_public_names():
+    assert sorted(jobs.__all__) == ["Failure", "FailureKind", "JobHandle", "JobNotFinished", "JobResult", "JobSpec",
+                                    "JobStatus", "JobView", "StatusEvent", "submit"]
+    assert all(hasattr(jobs, name) for name in jobs.__all__)
+
+
+def test_cluster_public_names():
+    assert sorted(cluster.__all__) == sorted([
+        "ExecutorClass", "Hotkey", "LocalChain", "LocalStack", "MinerSettings", "SignedEnvelope", "ValidatorSettings",
+        "errors", "load_or_create_wallet", "load_settings", "open_envelope", "request_capability", "seal",
+    ])
+    assert all(hasattr(cluster, name) for name in cluster.__all__)
+
+
+def test_serve_apps_is_empty_for_now():
+    assert serve_apps.__all__ == []
