@@ -2,6 +2,7 @@
 # Start / stop the container engine rayhorde's miners use, and build the local test image.
 #
 #   scripts/container-engine.sh start   # install docker.io if missing, start a private dockerd
+#   scripts/container-engine.sh running # exit 0 when our engine answers
 #   scripts/container-engine.sh stop    # stop the dockerd WE started (by its PID file)
 #   scripts/container-engine.sh image   # build rayhorde/busybox:local (busybox-static rootfs)
 #
@@ -59,8 +60,9 @@ image() {
 }
 
 case "${1:-}" in
+  running) ping_engine ;;
   start) start ;;
   stop) stop ;;
   image) image ;;
-  *) echo "usage: $0 start|stop|image" >&2; exit 2 ;;
+  *) echo "usage: $0 running|start|stop|image" >&2; exit 2 ;;
 esac

@@ -84,4 +84,5 @@ def container_events(engine: docker.DockerClient, since: float, action: str = "c
     filters = {"type": "container", "event": action}
     if labels:
         filters["label"] = [f"{k}={v}" for k, v in labels.items()]
-    return list(engine.events(since=int(since) - 1, until=until, filters=filters, decode=True))
+    events = engine.events(since=int(since) - 1, until=until, filters=filters, decode=True)
+    return [e for e in events if e["timeNano"] >= int(since * 1e9)]

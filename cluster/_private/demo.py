@@ -1,0 +1,104 @@
+"""``rayhorde demo`` (what ``make demo`` runs): a local validator and two miners run the peer
+system's hello-world job, a failing job, and ``examples/hello.py`` through the real
+``ray job submit`` CLI; then everything is shut down and checked to be gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import docker
+import psutil
+
+from cluster._private.local_stack import LocalStack
+from cluster._private.settings import REPO_ROOT, MinerSettings, load_settings
+
+HELLO = 'echo "Hello, $NAME!" | tee -a /artifacts/stuff'
+
+
+def _tree(pids: list[int]) -> set[int]:
+    out: set[int] = set()
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            out.add(pid)
+            out.update(c.pid for c in p.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _listening(pids: set[int] | None = None) -> set[tuple[str, int]]:
+    """Listening (ip, port) pairs, of ``pids`` only when given."""
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids)}
+
+
+def ray_job_submit(state: dict, capability: str, script: str) -> subprocess.CompletedProcess:
+    token = Path(state["token_path"]).read_text().strip()
+    env_vars = {"RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": capability}
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", state["dashboard_url"],
+           "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+           "--", "python", script]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+
+
+def run_demo(home: Path) -> int:
+    from cluster.cli import _user_capability, print_view, run_job
+
+    stack = LocalStack(home, miners=2, executors_per_miner=2)
+    if stack.state_file.exists():
+        click.echo(f"stopping a stack left in {home}: {stack.down()}")
+    t0 = time.monotonic()
+    state = stack.up()
+    click.echo(f"== local stack up in {time.monotonic() - t0:.1f} s: validator-core {state['validator_url']}, "
+               f"Ray head {state['gcs_address']}, miners {', '.join(n for n in state['pids'] if n.startswith('miner'))}")
+    ok = True
+    try:
+        click.echo("\n== 1. the peer's hello-world job (rayhorde job run)")
+        view = run_job(state, {"image": "rayhorde/busybox:local", "command": ["sh", "-c", HELLO],
+                               "env": {"NAME": "World"}})
+        print_view(view)
+        ok &= view.status.value == "completed" and view.artifact("/artifacts/stuff") == b"Hello, World!\n"
+
+        click.echo("\n== 2. a job that exits 3")
+        view = run_job(state, {"image": "rayhorde/busybox:local", "command": ["sh", "-c", "exit 3"]})
+        print_view(view)
+        ok &= view.failure is not None and view.failure.reason == "nonzero_return_code"
+
+        click.echo("\n== 3. ray job submit ... -- python examples/hello.py")
+        cap = _user_capability(state, "user", "//Dave", max_jobs=1, ttl_s=600)
+        done = ray_job_submit(state, cap, "examples/hello.py")
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("job ", "artifact "))]
+        click.echo("\n".join(f"  {ln}" for ln in lines) or done.stdout[-2000:] + done.stderr[-2000:])
+        ok &= done.returncode == 0 and any("Hello, rayhorde!" in ln for ln in lines)
+    except Exception as exc:  # still shut down and report
+        click.echo(f"demo step failed: {exc!r}", err=True)
+        ok = False
+    finally:
+        pids = _tree(list(stack._state().get("pids", {}).values()))
+        for m in stack._state().get("miners", {}).values():
+            node = Path(m["home"]) / "node.json"
+            if node.exists():
+                pids |= _tree([json.loads(node.read_text())["pid"]])
+        sockets_before = _listening(pids)
+        t1 = time.monotonic()
+        stopped = stack.down()
+        click.echo(f"\n== shut down {', '.join(stopped)} in {time.monotonic() - t1:.1f} s "
+                   f"({len(pids)} processes, {len(sockets_before)} listening sockets while up)")
+    time.sleep(0.5)
+    alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    engine = docker.DockerClient(base_url=load_settings(MinerSettings, REPO_ROOT / "configs/miner.local.toml",
+                                                       env_prefix="RAYHORDE_MINER_").docker_host)
+    containers = engine.containers.list(all=True, filters={"label": "rayhorde.agent"})
+    sockets = sockets_before & _listening()
+    click.echo(f"   left behind: {len(alive)} processes, {len(containers)} containers, {len(sockets)} listening sockets")
+    clean = not alive and not containers and not sockets
+    click.echo("\nDEMO " + ("PASSED" if ok and clean else "FAILED"))
+    return 0 if ok and clean else 1
