@@ -42,15 +42,21 @@ class JobHandle:
         self.executor_class = submitted.executor_class
         self._task_ref = task_ref
 
-    def status(self) -> JobView:
-        return JobView.model_validate(self._client.get(f"/v1/jobs/{self.job_id}"))
+    def status(self, wait_s: float = 0) -> JobView:
+        """The job as validator-core records it; ``wait_s`` long-polls for a final status."""
+        return JobView.model_validate(self._client.get(f"/v1/jobs/{self.job_id}", params={"wait_s": wait_s},
+                                                       timeout=wait_s + 30))
 
-    def result(self, timeout_s: float = 600, poll_s: float = 0.1) -> JobView:
-        """Wait for a final status and return the job as validator-core recorded it."""
+    def result(self, timeout_s: float = 600, poll_s: float = 1.0) -> JobView:
+        """Wait for a final status and return the job as validator-core recorded it.
+
+        Long-polls validator-core in ``poll_s`` slices, checking between them whether the
+        organic task came back refused (then validator-core may never hear of the job again).
+        """
         deadline = time.monotonic() + timeout_s
         task_failed_at: float | None = None
         while True:
-            view = self.status()
+            view = self.status(wait_s=max(0.0, min(poll_s, deadline - time.monotonic())))
             if view.status.terminal:
                 return view
             now = time.monotonic()
@@ -66,7 +72,6 @@ class JobHandle:
                 raise TicketRefused(str(refusal.get("reason")), f"job {self.job_id}: {refusal.get('message')}")
             if now > deadline:
                 raise JobNotFinished(f"job {self.job_id} is still {view.status.value} after {timeout_s:g} s")
-            time.sleep(poll_s)
 
 
 def _task_answer(ref: Any) -> dict[str, Any]:
@@ -89,9 +94,21 @@ def submit(spec: JobSpec | dict[str, Any], *, validator_url: str | None = None,
     if not validator_url or not capability:
         raise UsageError(f"set {VALIDATOR_URL_ENV} and {CAPABILITY_ENV} (e.g. with ray job submit "
                          "--runtime-env-json) or pass validator_url= and capability=")
-    client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
+    client = _client_for(validator_url, capability)
     submitted = Submitted.model_validate(client.post("/v1/jobs", spec.model_dump(mode="json")))
     return JobHandle(client, submitted, launch(submitted))
+
+
+_clients: dict[tuple[str, str], ServiceClient] = {}
+
+
+def _client_for(validator_url: str, capability: str) -> ServiceClient:
+    """One keep-alive client per (validator, capability): a driver submitting many jobs reuses
+    its connection instead of paying a TCP handshake per job."""
+    key = (validator_url, capability)
+    if key not in _clients:
+        _clients[key] = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
+    return _clients[key]
 
 
 def launch(submitted: Submitted) -> Any:

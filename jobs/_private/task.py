@@ -13,6 +13,15 @@ from typing import Any
 import httpx
 
 AGENT_SOCKET_ENV = "RAYHORDE_AGENT_SOCKET"
+_clients: dict[str, httpx.Client] = {}
+
+
+def _agent(sock: str) -> httpx.Client:
+    # Worker processes are reused across tasks; building an httpx client (SSL context included)
+    # costs ~20 ms, so keep one per socket.
+    if sock not in _clients:
+        _clients[sock] = httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=None)
+    return _clients[sock]
 
 
 def organic_task(ticket_id: str, attempt: int) -> dict[str, Any]:
@@ -20,8 +29,7 @@ def organic_task(ticket_id: str, attempt: int) -> dict[str, Any]:
     if not sock:
         return {"ok": False, "reason": "no_agent", "message": f"{AGENT_SOCKET_ENV} is not set on this node"}
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=None) as client:
-            resp = client.post("http://agent/v1/run", json={"ticket_id": ticket_id, "attempt": attempt})
+        resp = _agent(sock).post("http://agent/v1/run", json={"ticket_id": ticket_id, "attempt": attempt})
         return resp.json()
     except (httpx.HTTPError, ValueError) as exc:
         return {"ok": False, "reason": "agent_unreachable", "message": f"agent at {sock}: {exc!r}"}

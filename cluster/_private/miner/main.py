@@ -27,6 +27,7 @@ from cluster._private.miner.executor_api import ExecutorServer
 from cluster._private.protocol import Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeStarted
 from cluster._private.settings import MinerSettings, load_executor_classes, load_settings
 from cluster._private.version import local_versions
+from cluster.errors import Refused
 
 log = logging.getLogger("rayhorde.agent")
 
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
-    accepted = admit(validator, hotkey, settings)
+    try:
+        accepted = admit(validator, hotkey, settings)
+    except Refused as exc:
+        log.error("admission refused: %s", exc)
+        return 2
     log.info("admitted by %s: resources %s", accepted.validator_hotkey, accepted.resources)
     sock = home / "agent.sock"
     sock.unlink(missing_ok=True)

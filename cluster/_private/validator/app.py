@@ -101,9 +101,10 @@ def build_app(core: ValidatorCore) -> FastAPI:
         return [v.model_dump(mode="json") for v in core.list_jobs(cap)]
 
     @app.get("/v1/jobs/{job_id}")
-    def get_job(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    def get_job(job_id: str, wait_s: float = 0, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """``wait_s``: long-poll up to that many seconds (max 30) for a final status."""
         cap = core.check_capability(_bearer(authorization))
-        return core.get_job(cap, job_id).model_dump(mode="json")
+        return core.get_job(cap, job_id, wait_s=wait_s).model_dump(mode="json")
 
     @app.post("/v1/tickets/fetch")
     def fetch_ticket(body: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ submissions never take the same free executor.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -42,6 +43,7 @@ class ValidatorCore:
         # a nonce older than the skew window is refused as stale anyway; keep a margin
         self.guard = db.DbNonceGuard(self.engine, keep_s=4 * settings.max_clock_skew_s + 60)
         self._alloc = threading.Lock()
+        self._changed = threading.Condition()  # wakes long-polling readers when a job ends
 
     # ------------------------------------------------------------------ helpers
     def _open(self, env: SignedEnvelope, kind: str, signers: list[str] | None = None) -> dict[str, Any]:
@@ -290,6 +292,8 @@ class ValidatorCore:
             conn.execute(db.jobs.update().where(db.jobs.c.id == job_id).values(**values))
             self._event(conn, job_id, rep.attempt, rep.status, reporter=env.signer, detail=rep.detail,
                         evidence=env.model_dump_json())
+        if rep.status.terminal:
+            self._notify()
 
     def report_result(self, job_id: str, env: SignedEnvelope) -> None:
         res = JobResult.model_validate(self._open(env, "job_result"))
@@ -307,8 +311,24 @@ class ValidatorCore:
                          .values(jobs_done=db.miners.c.jobs_done + 1))
             detail = failure.reason if failure else ""
             self._event(conn, job_id, res.attempt, status, reporter=env.signer, detail=detail)
+        self._notify()
 
-    def get_job(self, cap: Capability, job_id: str) -> JobView:
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def get_job(self, cap: Capability, job_id: str, wait_s: float = 0) -> JobView:
+        """The job as recorded; with ``wait_s`` > 0, wait up to that long for a final status."""
+        deadline = time.monotonic() + min(wait_s, 30)
+        while True:
+            view = self._get_job(cap, job_id)
+            remaining = deadline - time.monotonic()
+            if view.status.terminal or remaining <= 0:
+                return view
+            with self._changed:
+                self._changed.wait(min(remaining, 1.0))  # the 1 s cap also covers a missed notify
+
+    def _get_job(self, cap: Capability, job_id: str) -> JobView:
         with self.engine.connect() as conn:
             job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id)).first()
             if job is None or job.user_hotkey != cap.user:  # another user's job does not exist for you

@@ -1,0 +1,134 @@
+"""``make bench``: one line per figure, ``BENCH <name> <value> <unit>`` (DESIGN §4).
+
+Ratios are measured against their baseline in the same run, interleaved, median of several
+runs, because these machines are shared and noisy. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read at import: keep the driver on loopback
+os.environ["RAY_AUTH_MODE"] = "token"
+
+import docker  # noqa: E402
+import psutil  # noqa: E402
+import ray  # noqa: E402
+
+import jobs  # noqa: E402
+from cluster._private.identity import Hotkey  # noqa: E402
+from cluster._private.local_stack import LocalStack, short_tmp  # noqa: E402
+from cluster._private.settings import REPO_ROOT  # noqa: E402
+from cluster._private.user import request_capability  # noqa: E402
+
+IMAGE = "rayhorde/busybox:local"
+TRIVIAL = ["sh", "-c", "echo hi"]
+DOCKER_HOST = "unix:///run/rayhorde-docker.sock"
+
+
+def bench(name: str, value: float, unit: str, note: str = "") -> None:
+    print(f"BENCH {name} {value:.4g} {unit}" + (f"   # {note}" if note else ""), flush=True)
+
+
+def pss_mb(pids: list[int]) -> float:
+    total = 0
+    seen = set()
+    for pid in pids:
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in procs:
+            if p.pid in seen:
+                continue
+            seen.add(p.pid)
+            try:
+                total += p.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    return total / 2**20
+
+
+def main() -> int:
+    engine = docker.DockerClient(base_url=DOCKER_HOST)
+    home = Path(tempfile.mkdtemp(prefix="rh-bench-"))
+    metagraph = json.loads((REPO_ROOT / "configs/metagraph.local.json").read_text())
+    newcomer = Hotkey.from_uri("//Eve")
+    metagraph["neurons"].append({"uid": 3, "hotkey": newcomer.ss58, "stake_rao": 1, "validator_permit": False})
+    (home / "metagraph.json").write_text(json.dumps(metagraph))
+    stack = LocalStack(home / "stack", miners=2, executors_per_miner=2,
+                       validator_env={"RAYHORDE_VALIDATOR_METAGRAPH_PATH": str(home / "metagraph.json")})
+    state = stack.up()
+    newcomer_proc = None
+    try:
+        os.environ["RAY_AUTH_TOKEN"] = Path(state["token_path"]).read_text().strip()
+        ray.init(address=state["gcs_address"], log_to_driver=False)
+        cap = request_capability(state["validator_url"], Hotkey.from_uri("//Dave"), max_jobs=10_000, ttl_s=3600)
+
+        def run_one() -> float:
+            t0 = time.perf_counter()
+            view = jobs.submit({"image": IMAGE, "command": TRIVIAL}, validator_url=state["validator_url"],
+                               capability=cap).result(timeout_s=120)
+            assert view.status.value == "completed", view
+            return time.perf_counter() - t0
+
+        def docker_one() -> float:
+            t0 = time.perf_counter()
+            engine.containers.run(IMAGE, TRIVIAL, remove=True, network_mode="none")
+            return time.perf_counter() - t0
+
+        for _ in range(2):  # warm both paths (worker processes, image cache)
+            run_one(), docker_one()
+        ours, base = [], []
+        for _ in range(9):
+            ours.append(run_one())
+            base.append(docker_one())
+        ratio = statistics.median(ours) / statistics.median(base)
+        bench("organic_e2e_vs_docker_ratio", ratio, "x",
+              f"median {statistics.median(ours) * 1000:.0f} ms vs docker-py {statistics.median(base) * 1000:.0f} ms")
+
+        n, concurrency = 100, 4  # 2 miners x 2 executors: a submission beyond them is refused until issue 3's queue
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(lambda _: run_one(), range(n)))
+        bench("organic_jobs_per_s", n / (time.perf_counter() - t0), "jobs/s", f"{n} jobs, {concurrency} at a time")
+
+        time.sleep(2)
+        head = [state["pids"]["ray-head"]]
+        bench("head_idle_mb", pss_mb(head), "MB", "PSS of the Ray head's process tree")
+        miner_home = Path(state["miners"]["miner1"]["home"])
+        node_pid = json.loads((miner_home / "node.json").read_text())["pid"]
+        bench("miner_idle_mb", pss_mb([state["pids"]["miner1"], node_pid]), "MB", "agent + its Ray node")
+
+        # miner_join_s: agent start -> first task scheduled on its new node
+        env = {**os.environ, **{f"RAYHORDE_MINER_{k.upper()}": str(v) for k, v in {
+            "name": "newcomer", "home": home / "newcomer", "wallet_dir": home / "stack" / "wallets",
+            "wallet": "newcomer", "wallet_uri": "//Eve", "validator_url": state["validator_url"],
+            "validator_hotkey": Hotkey.from_uri("//Alice").ss58, "ray_temp_dir": short_tmp(home, "new")}.items()}}
+        probe = ray.remote(lambda: time.time()).options(num_cpus=0, resources={f"miner:{newcomer.ss58}": 0.001})
+        t0 = time.time()
+        newcomer_proc = subprocess.Popen([sys.executable, "-m", "cluster._private.miner.main", "--config",
+                                          str(REPO_ROOT / "configs/miner.local.toml")], env=env,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        ran_at = ray.get(probe.remote(), timeout=120)
+        bench("miner_join_s", ran_at - t0, "s", "agent start (admission + Ray node) -> first pinned task runs")
+    finally:
+        if newcomer_proc is not None:
+            from cluster._private.ray_node import stop_process
+            stop_process(newcomer_proc)
+        if ray.is_initialized():
+            ray.shutdown()
+        stack.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
