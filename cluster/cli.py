@@ -166,7 +166,8 @@ def print_view(view: JobView) -> None:
     if view.failure:
         f = view.failure
         click.echo(f"  failure   {f.kind.value}: {f.reason} at stage {f.stage}, exit {f.exit_code} — {f.message}")
-    click.echo("  history   " + " -> ".join(e.status.value for e in view.history))
+    for e in view.history:
+        click.echo(f"  history   attempt {e.attempt} {e.status.value:<15} {e.detail}".rstrip())
     if view.result:
         for path in sorted(view.result.artifacts):
             click.echo(f"  artifact  {path} = {view.artifact(path).decode(errors='replace')!r}")

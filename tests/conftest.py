@@ -40,6 +40,7 @@ class Stack:
     validator_url: str
     capability: str
     miners: dict[str, str]  # name -> hotkey
+    local: object = None  # the LocalStack, for tests that kill and restart its processes
 
     def submit(self, spec: dict, **kw):
         import jobs
@@ -71,7 +72,7 @@ def stack(engine, tmp_path_factory) -> Stack:
         miners = {}
         for name in ("miner1", "miner2"):
             miners[name] = json.loads((home / "wallets" / f"{name}.json").read_text())["ss58"]
-        yield Stack(home, state, token, state["validator_url"], cap, miners)
+        yield Stack(home, state, token, state["validator_url"], cap, miners, local)
     finally:
         if ray.is_initialized():
             ray.shutdown()

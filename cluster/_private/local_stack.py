@@ -79,12 +79,23 @@ class LocalStack:
         tmp.replace(self.state_file)
 
     def _spawn(self, state: dict[str, Any], name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.home / "logs" / f"{name}.log", "ab", buffering=0)
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=REPO_ROOT)
+        """Start ``argv`` with ``os.environ`` + ``env`` (the overrides, recorded for restarts)."""
+        with open(self.home / "logs" / f"{name}.log", "ab", buffering=0) as log:
+            proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT)
         state.setdefault("pids", {})[name] = proc.pid
+        state.setdefault("spawn", {})[name] = {"argv": argv, "env": env}
         self._save(state)
         return proc
+
+    def restart(self, name: str) -> int:
+        """Start process ``name`` again as it was first started (after it died or was killed)."""
+        state = self._state()
+        pid = state["pids"][name]
+        if _alive(pid):
+            raise RuntimeError(f"{name} (pid {pid}) is still running")
+        spec = state["spawn"][name]
+        return self._spawn(state, name, spec["argv"], spec["env"]).pid
 
     # ------------------------------------------------------------------ up / down
     def up(self, timeout_s: float = 120) -> dict[str, Any]:
@@ -111,7 +122,7 @@ class LocalStack:
             state["pids"] = {"ray-head": head.pid}
             self._save(state)
             self._spawn(state, "validator", [sys.executable, "-m", "cluster._private.validator.main", "--config",
-                                             str(self.validator_config)], {**os.environ, **venv})
+                                             str(self.validator_config)], venv)
             ray_node.wait_head_ready(ports, token, timeout_s=timeout_s)
             _wait_http(f"{vsettings.url}/v1/health", timeout_s)
             for i in range(self.miners):
@@ -125,7 +136,7 @@ class LocalStack:
                     "node_port_base": base + ray_node.PORT_BLOCK * (i + 1),
                     "ray_temp_dir": short_tmp(self.home, name)}.items()}
                 self._spawn(state, name, [sys.executable, "-m", "cluster._private.miner.main", "--config",
-                                          str(self.miner_config)], {**os.environ, **menv})
+                                          str(self.miner_config)], menv)
                 state["miners"][name] = {"home": str(mhome)}
                 self._save(state)
             self._wait_miners(vsettings.url, timeout_s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from jobs._private.models import Failure, JobResult, JobSpec, JobStatus, Submitted  # noqa: F401 (re-export)
+from jobs._private.models import Failure, JobResult, JobSpec, JobStatus, Submitted, TicketRef  # noqa: F401
 
 
 class ChallengeRequest(BaseModel):
@@ -39,6 +39,11 @@ class JoinAccepted(BaseModel):
 
 class NodeStarted(BaseModel):  # kind "node_started", signed by the miner
     node_id: str
+
+
+class NodeLost(BaseModel):  # kind "node_lost", signed by the miner: its Ray node died under it
+    node_id: str
+    running_tickets: list[str] = Field(default_factory=list)
 
 
 class Heartbeat(BaseModel):  # kind "heartbeat", signed by the miner
@@ -89,6 +94,7 @@ KINDS = {
     "admission_join": JoinRequest,
     "node_started": NodeStarted,
     "heartbeat": Heartbeat,
+    "node_lost": NodeLost,
     "capability_request": CapabilityRequest,
     "capability": Capability,
     "ticket": Ticket,

@@ -69,6 +69,9 @@ class ValidatorSettings(BaseModel):
     capability_max_ttl_s: float = Field(gt=0, default=3600)
     heartbeat_interval_s: float = Field(gt=0, default=2)
     heartbeat_timeout_s: float = Field(gt=0, default=10)
+    deadline_leeway_s: float = Field(ge=0, default=30)
+    max_attempts: int = Field(ge=1, default=3)
+    sweep_interval_s: float = Field(gt=0, default=1)
     ray_port_base: int = 6380
     ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>
     ray_token_path: Path | None = None  # default: <home>/ray_token

@@ -1,14 +1,18 @@
 """``submit(spec)`` for driver scripts (run with ``ray job submit``), and the job handle.
 
 The driver holds a capability (scoped, expiring), never a user's hotkey. It registers the job
-with validator-core, which answers with a ticket for a miner; the driver launches the organic
-task pinned to that miner's resources; ``result()`` reads the signed result back from
+with validator-core, which answers with a ticket for a miner, or queues the job. One follower
+thread per driver long-polls validator-core for all of the driver's open jobs and launches the
+organic task for every ticket it sees: the first one, a queued job's ticket when an executor
+frees, or attempt n+1 after a miner was lost. ``result()`` reads the signed result back from
 validator-core. The driver never needs a value a miner produced.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -17,9 +21,10 @@ from pydantic import ValidationError
 
 from cluster._private.http import ServiceClient
 from cluster.errors import InvalidSpec, ServiceUnavailable, TicketRefused, UsageError
-from jobs._private.models import JobSpec, JobView, Submitted
+from jobs._private.models import JobSpec, JobState, JobView, Submitted, TicketRef
 from jobs._private.task import organic_task
 
+log = logging.getLogger("rayhorde.jobs")
 VALIDATOR_URL_ENV = "RAYHORDE_VALIDATOR_URL"
 CAPABILITY_ENV = "RAYHORDE_CAPABILITY"
 # Job-level runtime_env variables are inherited by every task of the job; blank ours in the
@@ -33,45 +38,120 @@ class JobNotFinished(ServiceUnavailable, TimeoutError):
 
 
 class JobHandle:
-    def __init__(self, client: ServiceClient, submitted: Submitted, task_ref: Any) -> None:
+    def __init__(self, client: ServiceClient, job_id: str, executor_class: str) -> None:
         self._client = client
-        self.job_id = submitted.job_id
-        self.ticket_id = submitted.ticket_id
-        self.attempt = submitted.attempt
-        self.miner_hotkey = submitted.miner_hotkey
-        self.executor_class = submitted.executor_class
-        self._task_ref = task_ref
+        self.job_id = job_id
+        self.executor_class = executor_class
+        self.ticket: TicketRef | None = None
+        self.queue_reason = ""  # why the job waited at submission ("" = it got a ticket at once)
+        self._task_ref: Any = None
+        self._done = threading.Event()
+        self._refusal: dict[str, Any] | None = None
+
+    # the attempt currently running (None while queued)
+    @property
+    def ticket_id(self) -> str | None:
+        return self.ticket.ticket_id if self.ticket else None
+
+    @property
+    def attempt(self) -> int:
+        return self.ticket.attempt if self.ticket else 0
+
+    @property
+    def miner_hotkey(self) -> str | None:
+        return self.ticket.miner_hotkey if self.ticket else None
 
     def status(self, wait_s: float = 0) -> JobView:
         """The job as validator-core records it; ``wait_s`` long-polls for a final status."""
         return JobView.model_validate(self._client.get(f"/v1/jobs/{self.job_id}", params={"wait_s": wait_s},
                                                        timeout=wait_s + 30))
 
-    def result(self, timeout_s: float = 600, poll_s: float = 1.0) -> JobView:
-        """Wait for a final status and return the job as validator-core recorded it.
+    def result(self, timeout_s: float = 600) -> JobView:
+        """Wait for a final status and return the job as validator-core recorded it."""
+        if not self._done.wait(timeout_s):
+            raise JobNotFinished(f"job {self.job_id} is not finished after {timeout_s:g} s "
+                                 f"({'attempt ' + str(self.attempt) if self.ticket else 'queued: ' + self.queue_reason})")
+        if self._refusal is not None:
+            raise TicketRefused(str(self._refusal.get("reason")), f"job {self.job_id}: {self._refusal.get('message')}")
+        deadline = time.monotonic() + 60
+        while True:  # validator-core may be restarting: keep asking for a while
+            try:
+                return self.status()
+            except ServiceUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
-        Long-polls validator-core in ``poll_s`` slices, checking between them whether the
-        organic task came back refused (then validator-core may never hear of the job again).
-        """
-        deadline = time.monotonic() + timeout_s
-        task_failed_at: float | None = None
+    # -- called by the follower
+    def _follow(self, state: JobState) -> None:
+        if state.status.terminal:
+            self._done.set()
+            return
+        if state.ticket is not None and state.ticket.ticket_id != self.ticket_id:
+            self.ticket = state.ticket
+            self._task_ref = launch(state.ticket)
+
+    def _check_task(self) -> None:
+        """An agent that refuses a ticket never reports to validator-core: surface its refusal."""
+        if self._task_ref is None:
+            return
+        ready, _ = ray.wait([self._task_ref], timeout=0)
+        if not ready:
+            return
+        ref, self._task_ref = self._task_ref, None
+        answer = _task_answer(ref)
+        if not answer.get("ok") and answer.get("reason") not in ("task_failed", "agent_unreachable", "agent_error"):
+            self._refusal = answer  # a lost task (node died) is validator-core's to re-ticket
+            self._done.set()
+
+
+class _Follower:
+    """One thread per (validator, capability): follows every open job of this driver."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self.client = client
+        self.handles: dict[str, JobHandle] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rayhorde-jobs-follower", daemon=True)
+        self.thread.start()
+
+    def add(self, handle: JobHandle) -> None:
+        with self.lock:
+            self.handles[handle.job_id] = handle
+        self.wake.set()
+
+    def _run(self) -> None:
         while True:
-            view = self.status(wait_s=max(0.0, min(poll_s, deadline - time.monotonic())))
-            if view.status.terminal:
-                return view
-            now = time.monotonic()
-            if task_failed_at is None and self._task_ref is not None:
-                ready, _ = ray.wait([self._task_ref], timeout=0)
-                if ready:
-                    answer = _task_answer(self._task_ref)
-                    if not answer.get("ok"):
-                        task_failed_at = now
-                        refusal = answer
-            if task_failed_at is not None and now - task_failed_at > 2:
-                # the agent refused or never ran the ticket and validator-core has no final word
-                raise TicketRefused(str(refusal.get("reason")), f"job {self.job_id}: {refusal.get('message')}")
-            if now > deadline:
-                raise JobNotFinished(f"job {self.job_id} is still {view.status.value} after {timeout_s:g} s")
+            with self.lock:
+                open_jobs = {jid: h for jid, h in self.handles.items() if not h._done.is_set()}
+            if not open_jobs:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            try:
+                states = self.client.post("/v1/jobs/watch", {"known": {j: h.ticket_id for j, h in open_jobs.items()},
+                                                             "wait_s": 0.5}, timeout=40)
+            except ServiceUnavailable as exc:  # validator-core restarting: keep following
+                log.warning("following jobs: %s", exc)
+                time.sleep(0.5)
+                continue
+            except Exception:
+                log.exception("following jobs failed")
+                time.sleep(0.5)
+                continue
+            for raw in states:
+                state = JobState.model_validate(raw)
+                handle = open_jobs.get(state.job_id)
+                if handle is not None:
+                    try:
+                        handle._follow(state)
+                    except Exception:
+                        log.exception("could not launch the task for job %s", state.job_id)
+            for handle in open_jobs.values():
+                handle._check_task()
+            with self.lock:
+                self.handles = {j: h for j, h in self.handles.items() if not h._done.is_set()}
 
 
 def _task_answer(ref: Any) -> dict[str, Any]:
@@ -82,9 +162,24 @@ def _task_answer(ref: Any) -> dict[str, Any]:
         return {"ok": False, "reason": "task_failed", "message": repr(exc)}
 
 
+_clients: dict[tuple[str, str], tuple[ServiceClient, _Follower]] = {}
+_clients_lock = threading.Lock()
+
+
+def _client_for(validator_url: str, capability: str) -> tuple[ServiceClient, _Follower]:
+    """One keep-alive client and one follower per (validator, capability)."""
+    key = (validator_url, capability)
+    with _clients_lock:
+        if key not in _clients:
+            client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
+            watcher = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
+            _clients[key] = (client, _Follower(watcher))
+        return _clients[key]
+
+
 def submit(spec: JobSpec | dict[str, Any], *, validator_url: str | None = None,
            capability: str | None = None) -> JobHandle:
-    """Register ``spec`` with validator-core and launch its organic task on the chosen miner."""
+    """Register ``spec`` with validator-core; its organic task starts as soon as it has a ticket."""
     try:
         spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
     except ValidationError as exc:
@@ -94,24 +189,17 @@ def submit(spec: JobSpec | dict[str, Any], *, validator_url: str | None = None,
     if not validator_url or not capability:
         raise UsageError(f"set {VALIDATOR_URL_ENV} and {CAPABILITY_ENV} (e.g. with ray job submit "
                          "--runtime-env-json) or pass validator_url= and capability=")
-    client = _client_for(validator_url, capability)
+    client, follower = _client_for(validator_url, capability)
     submitted = Submitted.model_validate(client.post("/v1/jobs", spec.model_dump(mode="json")))
-    return JobHandle(client, submitted, launch(submitted))
+    handle = JobHandle(client, submitted.job_id, spec.executor_class)
+    handle.queue_reason = submitted.queue_reason
+    if submitted.ticket is not None:
+        handle._follow(JobState(job_id=submitted.job_id, status="received", ticket=submitted.ticket))
+    follower.add(handle)
+    return handle
 
 
-_clients: dict[tuple[str, str], ServiceClient] = {}
-
-
-def _client_for(validator_url: str, capability: str) -> ServiceClient:
-    """One keep-alive client per (validator, capability): a driver submitting many jobs reuses
-    its connection instead of paying a TCP handshake per job."""
-    key = (validator_url, capability)
-    if key not in _clients:
-        _clients[key] = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
-    return _clients[key]
-
-
-def launch(submitted: Submitted) -> Any:
+def launch(ticket: TicketRef) -> Any:
     """Start the organic task for a ticket: ids only, pinned, no retries, no CPU accounting."""
     global _remote_task
     if not ray.is_initialized():
@@ -119,6 +207,6 @@ def launch(submitted: Submitted) -> Any:
     if _remote_task is None:
         _remote_task = ray.remote(organic_task)
     return _remote_task.options(
-        name="rayhorde.organic", num_cpus=0, max_retries=0, resources=submitted.resources,
+        name="rayhorde.organic", num_cpus=0, max_retries=0, resources=ticket.resources,
         runtime_env={"env_vars": dict(_SCRUB)},
-    ).remote(submitted.ticket_id, submitted.attempt)
+    ).remote(ticket.ticket_id, ticket.attempt)

@@ -60,6 +60,8 @@ class JobSpec(BaseModel):
     env: dict[str, str] = Field(default_factory=dict, max_length=128)
     executor_class: str = Field(default="always_on.test", min_length=1, max_length=128)
     execution_timeout_s: int = Field(default=60, gt=0, le=86400)
+    max_wait_s: int = Field(default=300, ge=0, le=86400,
+                            description="how long the job may wait for a free executor; 0 = reject at once")
     artifacts_dir: Literal["/artifacts"] = "/artifacts"
 
     @field_validator("command")
@@ -108,6 +110,24 @@ class StatusEvent(BaseModel):
     detail: str = ""
 
 
+class TicketRef(BaseModel):
+    """What a driver needs to launch the organic task for one attempt: ids and resources only."""
+
+    ticket_id: str
+    attempt: int
+    miner_hotkey: str
+    executor_class: str
+    resources: dict[str, float]
+
+
+class JobState(BaseModel):
+    """The compact state a driver follows: final or not, and the ticket to launch."""
+
+    job_id: str
+    status: JobStatus
+    ticket: TicketRef | None = None
+
+
 class JobView(BaseModel):
     """A job as its user sees it, read from validator-core."""
 
@@ -117,6 +137,7 @@ class JobView(BaseModel):
     miner_hotkey: str | None = None
     attempt: int = 0
     created_ns: int
+    ticket: TicketRef | None = None
     history: list[StatusEvent] = Field(default_factory=list)
     result: JobResult | None = None
     failure: Failure | None = None
@@ -130,11 +151,8 @@ class JobView(BaseModel):
 
 
 class Submitted(BaseModel):
-    """validator-core's answer to a submission: the ticket the driver launches the task for."""
+    """validator-core's answer to a submission: the ticket to launch, or why the job waits."""
 
     job_id: str
-    ticket_id: str
-    attempt: int
-    miner_hotkey: str
-    executor_class: str
-    resources: dict[str, float]
+    ticket: TicketRef | None = None
+    queue_reason: str = ""

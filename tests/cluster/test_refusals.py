@@ -137,8 +137,9 @@ def test_expired_ticket_is_refused(stack, engine, test_agent):
 
 def _register(stack) -> dict:
     """Register a job over HTTP (no Ray task): returns validator-core's answer with its ticket."""
-    return ServiceClient(stack.validator_url, headers={"Authorization": f"Bearer {stack.capability}"}).post(
+    sub = ServiceClient(stack.validator_url, headers={"Authorization": f"Bearer {stack.capability}"}).post(
         "/v1/jobs", {"image": IMAGE, "command": ["sh", "-c", HELLO], "env": {"NAME": "replay"}})
+    return {"job_id": sub["job_id"], **sub["ticket"]}
 
 
 def test_replayed_ticket_runs_once(stack, engine, test_agent):

@@ -22,8 +22,10 @@ def test_hello_world_returns_the_artifact(stack):
     assert view.status.value == "completed"
     assert view.artifact("/artifacts/stuff") == b"Hello, Ada!\n"
     assert view.miner_hotkey in stack.miners.values()
-    assert [e.status.value for e in view.history] == ["received", "accepted", "executor_ready", "execution_done",
-                                                      "completed"]
+    assert [e.status.value for e in view.history] == ["received", "received", "accepted", "executor_ready",
+                                                      "execution_done", "completed"]
+    assert view.history[1].detail == f"ticket for miner {view.miner_hotkey} (attempt 1)"
+    assert {e.attempt for e in view.history[2:]} == {1}
 
 
 def test_five_jobs_back_to_back_all_complete(stack):

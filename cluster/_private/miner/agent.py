@@ -14,6 +14,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from cluster._private.identity import Clock, Hotkey, system_clock
 from cluster._private.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime, ImageUnavailable
 from cluster._private.protocol import SpecGrant, StatusReport, Ticket, TicketFetch
 from cluster._private.settings import ExecutorClass
-from cluster.errors import EngineError, Refused, SignatureRejected, TicketRefused
+from cluster.errors import EngineError, Refused, ServiceUnavailable, SignatureRejected, TicketRefused
 from jobs._private.models import Failure, FailureKind, JobResult, JobSpec, JobStatus
 
 log = logging.getLogger("rayhorde.agent")
@@ -67,6 +68,9 @@ class AgentCore:
         home.mkdir(parents=True, exist_ok=True)
         self.seen = SeenTickets(home / "seen_tickets.db")
         self.running: set[str] = set()
+        # Bumped when our Ray node dies: results of attempts started under an older epoch are
+        # dropped, because validator-core has already given those attempts to another miner.
+        self.node_epoch = 0
 
     # ---------------------------------------------------------------- entry points
     def run_ticket(self, ticket_id: str, attempt: int) -> JobStatus:
@@ -77,14 +81,41 @@ class AgentCore:
 
     def execute_bundle(self, bundle: dict[str, Any], *, ticket_id: str, attempt: int) -> JobStatus:
         ticket, spec = self.verify(bundle, ticket_id=ticket_id, attempt=attempt)
+        epoch = self.node_epoch
         self.running.add(ticket.ticket_id)
         try:
             result = self._execute(ticket, spec)
         finally:
             self.running.discard(ticket.ticket_id)
-        self.validator.post_signed(f"/v1/jobs/{ticket.job_id}/result",
-                                   seal(self.hotkey, "job_result", result, clock=self.clock))
+        if epoch != self.node_epoch:
+            raise TicketRefused("ticket_closed", f"ticket {ticket_id}: our Ray node died during the run; "
+                                "validator-core re-tickets the job, so this result is dropped")
+        self._post("result", f"/v1/jobs/{ticket.job_id}/result", lambda: seal(self.hotkey, "job_result", result,
+                                                                              clock=self.clock))
         return JobStatus(result.status)
+
+    def _post(self, what: str, path: str, make_envelope, *, patience_s: float = 120) -> None:
+        """POST a signed report, retrying while validator-core is unreachable (it may be
+        restarting). Each try is sealed afresh (a stale envelope would fail the skew check); a
+        ``replayed`` or ``ticket_closed`` answer after a lost response means the first try landed."""
+        deadline = time.monotonic() + patience_s
+        lost_response = False
+        delay = 0.2
+        while True:
+            try:
+                self.validator.post_signed(path, make_envelope())
+                return
+            except ServiceUnavailable as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("%s report to validator-core failed (%s); retrying in %.1f s", what, exc, delay)
+                lost_response = True
+                time.sleep(delay)
+                delay = min(delay * 2, 5)
+            except Refused as exc:
+                if lost_response and exc.reason in ("replayed", "ticket_closed"):
+                    return
+                raise
 
     # ---------------------------------------------------------------- checks
     def verify(self, bundle: dict[str, Any], *, ticket_id: str, attempt: int) -> tuple[Ticket, JobSpec]:
@@ -118,12 +149,12 @@ class AgentCore:
 
     # ---------------------------------------------------------------- running
     def _status(self, ticket: Ticket, status: JobStatus, detail: str = "") -> None:
+        report = StatusReport(ticket_id=ticket.ticket_id, attempt=ticket.attempt, status=status, detail=detail)
         try:
-            self.validator.post_signed(f"/v1/jobs/{ticket.job_id}/status", seal(
-                self.hotkey, "job_status", StatusReport(ticket_id=ticket.ticket_id, attempt=ticket.attempt,
-                                                        status=status, detail=detail), clock=self.clock))
-        except Refused as exc:  # progress reports are best effort; the signed result is what counts
-            log.warning("status %s for %s refused: %s", status.value, ticket.ticket_id, exc)
+            self._post(f"status {status.value}", f"/v1/jobs/{ticket.job_id}/status",
+                       lambda: seal(self.hotkey, "job_status", report, clock=self.clock), patience_s=30)
+        except (Refused, ServiceUnavailable) as exc:  # progress is best effort; the signed result is what counts
+            log.warning("status %s for %s not recorded: %s", status.value, ticket.ticket_id, exc)
 
     def _execute(self, ticket: Ticket, spec: JobSpec) -> JobResult:
         cls = self.classes[ticket.executor_class]

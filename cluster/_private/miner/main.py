@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,9 @@ from cluster._private.identity import Hotkey, load_or_create_wallet
 from cluster._private.miner.agent import AgentCore
 from cluster._private.miner.docker_runtime import DockerRuntime
 from cluster._private.miner.executor_api import ExecutorServer
-from cluster._private.protocol import Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeStarted
+from cluster._private.protocol import (
+    Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted,
+)
 from cluster._private.settings import MinerSettings, load_executor_classes, load_settings
 from cluster._private.version import local_versions
 from cluster.errors import Refused
@@ -87,22 +90,39 @@ def main(argv: list[str] | None = None) -> int:
     node_cwd = home / "node-cwd"  # an empty directory: what a Ray task on this node sees as its cwd
     node_cwd.mkdir(exist_ok=True)
     node_file = home / "node.json"
-    node_file.unlink(missing_ok=True)
     temp_dir = settings.ray_temp_dir or Path(f"/tmp/rh-{hotkey.ss58[:8].lower()}")
-    proc = ray_node.start_worker(
-        gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
-        resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
-        node_ports_base=settings.node_port_base or find_free_port_base(), node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
-        cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock)})
+    ports_base = settings.node_port_base or find_free_port_base()
+
+    def start_node() -> tuple[subprocess.Popen, str]:
+        node_file.unlink(missing_ok=True)
+        proc = ray_node.start_worker(
+            gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
+            resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
+            node_ports_base=ports_base, node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
+            cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock)})
+        node_id = wait_for_file(node_file, proc, timeout_s=60)["node_id"]
+        validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node_id)))
+        log.info("Ray node %s up (pid %s); serving tickets on %s", node_id, proc.pid, sock)
+        return proc, node_id
+
+    proc = None
     try:
-        node = wait_for_file(node_file, proc, timeout_s=60)
-        validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node["node_id"])))
-        log.info("Ray node %s up (pid %s); serving tickets on %s", node["node_id"], proc.pid, sock)
+        proc, node_id = start_node()
         while not stop.wait(accepted.heartbeat_interval_s):
             if proc.poll() is not None:
-                # Our Ray node died: its tasks are gone, so its containers must go too (DESIGN §2).
-                log.error("Ray node exited with %s; killing %d containers", proc.returncode, core.kill_all())
-                return 1
+                # Our Ray node died under us (any cluster member can kill another's processes):
+                # its tasks are gone, so its containers go too, and validator-core re-tickets
+                # their jobs as a fabric incident; then the node rejoins (DESIGN §1 point 8, §2).
+                core.node_epoch += 1
+                lost = sorted(core.running)
+                killed = core.kill_all()
+                ray_node.stop_process(proc)  # whatever of its group survived
+                log.error("Ray node %s exited with %s; killed %d containers of tickets %s", node_id, proc.returncode,
+                          killed, lost)
+                validator.post_signed("/v1/admission/node_lost", seal(hotkey, "node_lost",
+                                                                     NodeLost(node_id=node_id, running_tickets=lost)))
+                proc, node_id = start_node()
+                continue
             try:
                 validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
                                                             Heartbeat(running_tickets=sorted(core.running))))
@@ -111,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         killed = core.kill_all()
-        ray_node.stop_process(proc)
+        if proc is not None:
+            ray_node.stop_process(proc)
         server.stop()
         sock.unlink(missing_ok=True)
         log.info("stopped (killed %d containers)", killed)

@@ -77,6 +77,21 @@ def build_app(core: ValidatorCore) -> FastAPI:
         core.node_started(_signed(body))
         return {"ok": True}
 
+    @app.post("/v1/admission/node_lost")
+    def node_lost(body: dict[str, Any]) -> dict[str, Any]:
+        core.node_lost(_signed(body))
+        return {"ok": True}
+
+    @app.post("/v1/jobs/watch")
+    def watch(body: dict[str, Any], authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
+        """Body ``{"known": {job_id: ticket_id | null}, "wait_s": s}``: long-poll several jobs at once."""
+        cap = core.check_capability(_bearer(authorization))
+        known = body.get("known")
+        if not isinstance(known, dict):
+            raise Refused("malformed", "body must be {\"known\": {job_id: ticket_id or null}, \"wait_s\": seconds}",
+                          status_code=422)
+        return [st.model_dump(mode="json") for st in core.watch(cap, known, wait_s=float(body.get("wait_s", 0)))]
+
     @app.post("/v1/heartbeat")
     def heartbeat(body: dict[str, Any]) -> dict[str, Any]:
         core.heartbeat(_signed(body))

@@ -1,12 +1,21 @@
 """validator-core's decisions: admission, capabilities, tickets, results. No HTTP here.
 
 Every public method takes already-parsed input, checks the envelope once (the boundary), and
-does its writes in one transaction. Executor allocation is serialised by one lock, so two
-submissions never take the same free executor.
+does its writes in one transaction. Every write that can free or take an executor holds one
+lock (``_alloc``), so two submissions never take the same free executor and the queue is served
+in order.
+
+Queue and attempts: a job with no free executor waits (status ``received``, the reason in its
+history) up to its ``max_wait_s``; whenever an executor frees, :meth:`_dispatch` tickets the
+oldest waiting jobs. An attempt that is lost (its miner's Ray node died, its agent stopped
+heartbeating or restarted, its deadline passed) is retired with an incident and the job goes
+back to the queue as attempt n+1 on another miner, up to ``max_attempts`` (DESIGN §1 point 8:
+a dead Ray node under a live agent is a fabric incident, not charged to the miner).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -19,13 +28,14 @@ from cluster._private.envelope import SignedEnvelope, open_envelope, seal
 from cluster._private.identity import Clock, Hotkey, is_ss58, system_clock
 from cluster._private.protocol import (
     Capability, CapabilityRequest, Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest,
-    NodeStarted, SpecGrant, StatusReport, Submitted, Ticket, TicketFetch, executor_resource, miner_resource,
+    NodeLost, NodeStarted, SpecGrant, StatusReport, Submitted, Ticket, TicketFetch, TicketRef, executor_resource,
+    miner_resource,
 )
 from cluster._private.settings import ValidatorSettings, load_executor_classes
 from cluster._private.validator import store as db
 from cluster._private.version import local_versions
 from cluster.errors import AdmissionRefused, CapabilityRefused, InvalidSpec, Refused, SignatureRejected, TicketRefused
-from jobs._private.models import Failure, FailureKind, JobResult, JobSpec, JobStatus, JobView, StatusEvent
+from jobs._private.models import Failure, FailureKind, JobResult, JobSpec, JobState, JobStatus, JobView, StatusEvent
 
 NS = 1_000_000_000
 
@@ -43,7 +53,8 @@ class ValidatorCore:
         # a nonce older than the skew window is refused as stale anyway; keep a margin
         self.guard = db.DbNonceGuard(self.engine, keep_s=4 * settings.max_clock_skew_s + 60)
         self._alloc = threading.Lock()
-        self._changed = threading.Condition()  # wakes long-polling readers when a job ends
+        self._changed = threading.Condition()  # wakes long-polling readers when a job changes
+        self._stop = threading.Event()
 
     # ------------------------------------------------------------------ helpers
     def _open(self, env: SignedEnvelope, kind: str, signers: list[str] | None = None) -> dict[str, Any]:
@@ -106,7 +117,9 @@ class ValidatorCore:
                                    f"{sorted(self.classes)}", status_code=403)
         if any(not 1 <= n <= 64 for n in req.executor_classes.values()):
             raise AdmissionRefused("malformed", "executor counts must be between 1 and 64", status_code=400)
-        with self.engine.begin() as conn:
+        with self._alloc, self.engine.begin() as conn:
+            for t in self._active_tickets(conn, miner):  # a restarted agent lost whatever it ran
+                self._retire(conn, t, reason="agent_restarted", charged=True)
             conn.execute(db.miners.delete().where(db.miners.c.hotkey == miner))
             conn.execute(db.miners.insert().values(hotkey=miner, admitted_ns=now, executor_classes=req.executor_classes,
                                                    proxy_url=req.proxy_url, versions=req.versions, node_id=None,
@@ -127,10 +140,23 @@ class ValidatorCore:
 
     def node_started(self, env: SignedEnvelope) -> None:
         msg = NodeStarted.model_validate(self._open(env, "node_started"))
-        with self.engine.begin() as conn:
+        with self._alloc, self.engine.begin() as conn:
             self._admitted(conn, env.signer)
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer)
                          .values(node_id=msg.node_id, last_heartbeat_ns=self.clock()))
+            self._dispatch(conn)  # new capacity
+        self._notify()
+
+    def node_lost(self, env: SignedEnvelope) -> None:
+        """The agent saw its Ray node die: a fabric incident (DESIGN §1 point 8), not charged."""
+        msg = NodeLost.model_validate(self._open(env, "node_lost"))
+        with self._alloc, self.engine.begin() as conn:
+            self._admitted(conn, env.signer)
+            conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer).values(node_id=None))
+            for t in self._active_tickets(conn, env.signer):
+                self._retire(conn, t, reason="ray_node_lost", charged=False, evidence=env.model_dump_json())
+            self._dispatch(conn)
+        self._notify()
 
     def heartbeat(self, env: SignedEnvelope) -> None:
         Heartbeat.model_validate(self._open(env, "heartbeat"))
@@ -196,23 +222,131 @@ class ValidatorCore:
                          .values(jobs_used=row.jobs_used + 1))
             conn.execute(db.jobs.insert().values(id=job_id, capability_id=cap.capability_id, user_hotkey=cap.user,
                                                  spec=spec.model_dump(mode="json"), executor_class=spec.executor_class,
-                                                 status=JobStatus.received.value, created_ns=now, attempt=0))
+                                                 status=JobStatus.received.value, created_ns=now, attempt=0,
+                                                 max_wait_s=spec.max_wait_s))
             self._event(conn, job_id, 0, JobStatus.received)
-            miner, why = self._pick_miner(conn, spec.executor_class)
-            if miner is None:
-                failure = Failure(kind=FailureKind.rejection, reason="no_miner_for_job", message=why)
-                conn.execute(db.jobs.update().where(db.jobs.c.id == job_id)
-                             .values(status=JobStatus.rejected.value, failure=failure.model_dump(mode="json")))
-                self._event(conn, job_id, 0, JobStatus.rejected, detail=f"no_miner_for_job: {why}")
-            else:
-                ticket = self._issue_ticket(conn, job_id, 1, miner, spec.executor_class)
-        if miner is None:
+            self._dispatch(conn, only_job=job_id)
+            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id)).one()
+            why = ""
+            if job.current_ticket is None:
+                why = self._queue_reason(conn, job)
+                if spec.max_wait_s == 0:
+                    self._reject(conn, job, why)
+                else:
+                    self._event(conn, job_id, 0, JobStatus.received, detail=f"queued: {why}")
+            ticket = self._ticket_ref(conn, job)
+        self._notify()
+        if ticket is None and spec.max_wait_s == 0:
             raise Refused("no_miner_for_job", f"job {job_id} rejected: {why}", status_code=503)
-        return Submitted(job_id=job_id, ticket_id=ticket.ticket_id, attempt=1, miner_hotkey=miner,
-                         executor_class=spec.executor_class,
-                         resources={miner_resource(miner): 0.001, executor_resource(spec.executor_class): 1.0})
+        return Submitted(job_id=job_id, ticket=ticket, queue_reason=why)
 
-    def _pick_miner(self, conn: sa.Connection, executor_class: str) -> tuple[str | None, str]:
+    def _reject(self, conn: sa.Connection, job: sa.Row, why: str) -> None:
+        failure = Failure(kind=FailureKind.rejection, reason="no_miner_for_job", message=why)
+        conn.execute(db.jobs.update().where(db.jobs.c.id == job.id)
+                     .values(status=JobStatus.rejected.value, failure=failure.model_dump(mode="json")))
+        self._event(conn, job.id, job.attempt, JobStatus.rejected, detail=f"no_miner_for_job: {why}")
+
+    def _queue_reason(self, conn: sa.Connection, job: sa.Row) -> str:
+        _, why = self._pick_miner(conn, job.executor_class, exclude=set())
+        return f"{why or 'no executor free for this job'}; {self._waiting_ahead(conn, job)} jobs ahead"
+
+    def _waiting_ahead(self, conn: sa.Connection, job: sa.Row) -> int:
+        return conn.execute(sa.select(sa.func.count()).select_from(db.jobs).where(
+            db.jobs.c.status == JobStatus.received.value, db.jobs.c.current_ticket.is_(None),
+            db.jobs.c.executor_class == job.executor_class, db.jobs.c.created_ns < job.created_ns,
+            db.jobs.c.id != job.id)).scalar_one()
+
+    def _ticket_ref(self, conn: sa.Connection, job: sa.Row) -> TicketRef | None:
+        if job.current_ticket is None:
+            return None
+        t = conn.execute(sa.select(db.tickets).where(db.tickets.c.id == job.current_ticket)).one()
+        return TicketRef(ticket_id=t.id, attempt=t.attempt, miner_hotkey=t.miner_hotkey,
+                         executor_class=t.executor_class,
+                         resources={miner_resource(t.miner_hotkey): 0.001, executor_resource(t.executor_class): 1.0})
+
+    def _dispatch(self, conn: sa.Connection, only_job: str | None = None) -> None:
+        """Ticket waiting jobs, oldest first, while executors of their class are free. Caller holds ``_alloc``."""
+        q = sa.select(db.jobs).where(db.jobs.c.status == JobStatus.received.value, db.jobs.c.current_ticket.is_(None))
+        if only_job is not None:
+            q = q.where(db.jobs.c.id == only_job)
+        full: set[str] = set()
+        for job in conn.execute(q.order_by(db.jobs.c.created_ns)).all():
+            if job.executor_class in full:
+                continue
+            if only_job is not None and self._waiting_ahead(conn, job):
+                return  # a newcomer queues behind older waiting jobs of its class
+            miner, _ = self._pick_miner(conn, job.executor_class, exclude=self._failed_miners(conn, job.id))
+            if miner is None:
+                full.add(job.executor_class)
+                continue
+            ticket = self._issue_ticket(conn, job.id, job.attempt + 1, miner, job.executor_class)
+            self._event(conn, job.id, ticket.attempt, JobStatus.received,
+                        detail=f"ticket for miner {miner} (attempt {ticket.attempt})")
+
+    def _failed_miners(self, conn: sa.Connection, job_id: str) -> set[str]:
+        return set(conn.execute(sa.select(db.tickets.c.miner_hotkey).where(
+            db.tickets.c.job_id == job_id, db.tickets.c.retired_reason.is_not(None))).scalars())
+
+    def _active_tickets(self, conn: sa.Connection, miner: str) -> list[sa.Row]:
+        return conn.execute(sa.select(db.tickets).where(db.tickets.c.miner_hotkey == miner,
+                                                        db.tickets.c.active.is_(True))).all()
+
+    def _retire(self, conn: sa.Connection, t: sa.Row, *, reason: str, charged: bool,
+                evidence: str | None = None) -> None:
+        """Give up attempt ``t``: free its executor, record the incident, requeue or fail the job."""
+        now = self.clock()
+        conn.execute(db.tickets.update().where(db.tickets.c.id == t.id).values(active=False, retired_reason=reason))
+        conn.execute(db.incidents.insert().values(miner_hotkey=t.miner_hotkey, t_ns=now,
+                                                  kind="miner" if charged else "fabric", reason=reason,
+                                                  job_id=t.job_id, attempt=t.attempt, evidence=evidence))
+        job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == t.job_id)).one()
+        if job.current_ticket != t.id or JobStatus(job.status).terminal:
+            return
+        blame = "charged to the miner" if charged else "fabric incident, not charged"
+        detail = f"attempt {t.attempt} on miner {t.miner_hotkey} lost: {reason} ({blame})"
+        if t.attempt >= self.settings.max_attempts:
+            failure = Failure(kind=FailureKind.horde_failure, reason="executor_disconnected", message=detail,
+                              reporter="validator")
+            conn.execute(db.jobs.update().where(db.jobs.c.id == job.id).values(
+                status=JobStatus.horde_failed.value, current_ticket=None, failure=failure.model_dump(mode="json")))
+            self._event(conn, job.id, t.attempt, JobStatus.horde_failed, detail=detail)
+        else:
+            conn.execute(db.jobs.update().where(db.jobs.c.id == job.id).values(
+                status=JobStatus.received.value, current_ticket=None))
+            self._event(conn, job.id, t.attempt, JobStatus.received, detail=f"{detail}; re-queued")
+
+    def sweep(self) -> None:
+        """Periodic: retire lost attempts, reject jobs that waited too long, serve the queue."""
+        now = self.clock()
+        live_after = now - int(self.settings.heartbeat_timeout_s * NS)
+        with self._alloc, self.engine.begin() as conn:
+            for t in conn.execute(sa.select(db.tickets).where(db.tickets.c.active.is_(True))).all():
+                m = conn.execute(sa.select(db.miners).where(db.miners.c.hotkey == t.miner_hotkey)).first()
+                if m is None or (m.last_heartbeat_ns or 0) < live_after:
+                    self._retire(conn, t, reason="missed_heartbeats", charged=True)
+                elif t.fetched_ns is None and now > t.expires_ns:
+                    self._retire(conn, t, reason="ticket_not_fetched", charged=False)
+                elif t.deadline_ns is not None and now > t.deadline_ns:
+                    self._retire(conn, t, reason="deadline_passed", charged=True)
+            for job in conn.execute(sa.select(db.jobs).where(db.jobs.c.status == JobStatus.received.value,
+                                                             db.jobs.c.current_ticket.is_(None))).all():
+                if now - job.created_ns > job.max_wait_s * NS:
+                    self._reject(conn, job, f"waited {job.max_wait_s} s; {self._queue_reason(conn, job)}")
+            self._dispatch(conn)
+        self._notify()
+
+    def start_sweeper(self) -> threading.Thread:
+        def loop() -> None:
+            while not self._stop.wait(self.settings.sweep_interval_s):
+                try:
+                    self.sweep()
+                except Exception:  # keep sweeping; a transient DB error must not stop re-ticketing
+                    logging.getLogger("rayhorde.validator").exception("sweep failed")
+        thread = threading.Thread(target=loop, name="sweeper", daemon=True)
+        thread.start()
+        return thread
+
+    def _pick_miner(self, conn: sa.Connection, executor_class: str, *, exclude: set[str]) -> tuple[str | None, str]:
         live_after = self.clock() - int(self.settings.heartbeat_timeout_s * NS)
         offered = total_free = 0
         candidates: list[tuple[int, int, str]] = []
@@ -224,13 +358,13 @@ class ValidatorCore:
                 db.tickets.c.miner_hotkey == m.hotkey, db.tickets.c.executor_class == executor_class,
                 db.tickets.c.active.is_(True))).scalar_one()
             offered += n
-            if n - busy > 0:
+            if n - busy > 0 and m.hotkey not in exclude:
                 total_free += n - busy
                 issued = conn.execute(sa.select(sa.func.count()).select_from(db.tickets)
                                       .where(db.tickets.c.miner_hotkey == m.hotkey)).scalar_one()
                 candidates.append((-(n - busy), issued, m.hotkey))  # most free, then least used
         if not candidates:
-            return None, f"0 of {offered} {executor_class} executors free on live admitted miners"
+            return None, f"{total_free} of {offered} {executor_class} executors free on live admitted miners"
         return min(candidates)[2], ""
 
     def _issue_ticket(self, conn: sa.Connection, job_id: str, attempt: int, miner: str, executor_class: str) -> Ticket:
@@ -261,6 +395,11 @@ class ValidatorCore:
             if not t.active or job.current_ticket != t.id:
                 raise TicketRefused("ticket_closed", f"ticket {t.id} is no longer current for job {t.job_id}",
                                     status_code=409)
+            if t.fetched_ns is None:
+                limit_s = JobSpec.model_validate(job.spec).execution_timeout_s + self.settings.deadline_leeway_s
+                now = self.clock()
+                conn.execute(db.tickets.update().where(db.tickets.c.id == t.id).values(
+                    fetched_ns=now, deadline_ns=now + int(limit_s * NS)))
         grant = SpecGrant(ticket_id=t.id, job_id=t.job_id, spec=JobSpec.model_validate(job.spec))
         return {"ticket": SignedEnvelope.model_validate_json(t.envelope).model_dump(mode="json"),
                 "spec": seal(self.hotkey, "job_spec", grant, clock=self.clock).model_dump(mode="json")}
@@ -280,7 +419,7 @@ class ValidatorCore:
 
     def report_status(self, job_id: str, env: SignedEnvelope) -> None:
         rep = StatusReport.model_validate(self._open(env, "job_status"))
-        with self.engine.begin() as conn:
+        with self._alloc, self.engine.begin() as conn:
             self._current_ticket(conn, job_id, rep.ticket_id, rep.attempt, env.signer)
             values: dict[str, Any] = {"status": rep.status.value}
             if rep.status.terminal:
@@ -292,25 +431,27 @@ class ValidatorCore:
             conn.execute(db.jobs.update().where(db.jobs.c.id == job_id).values(**values))
             self._event(conn, job_id, rep.attempt, rep.status, reporter=env.signer, detail=rep.detail,
                         evidence=env.model_dump_json())
-        if rep.status.terminal:
-            self._notify()
+            if rep.status.terminal:
+                self._dispatch(conn)
+        self._notify()
 
     def report_result(self, job_id: str, env: SignedEnvelope) -> None:
         res = JobResult.model_validate(self._open(env, "job_result"))
         if res.job_id != job_id or res.miner_hotkey != env.signer:
             raise Refused("malformed", "result names another job or miner than its URL and signer", status_code=400)
         status = JobStatus(res.status)
-        with self.engine.begin() as conn:
+        with self._alloc, self.engine.begin() as conn:
             self._current_ticket(conn, job_id, res.ticket_id, res.attempt, env.signer)
             failure = res.failure.model_copy(update={"reporter": env.signer}) if res.failure else None
             conn.execute(db.jobs.update().where(db.jobs.c.id == job_id).values(
-                status=status.value, result_envelope=env.model_dump_json(),
+                status=status.value, result_envelope=env.model_dump_json(), current_ticket=None,
                 failure=failure.model_dump(mode="json") if failure else None))
             conn.execute(db.tickets.update().where(db.tickets.c.id == res.ticket_id).values(active=False))
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer)
                          .values(jobs_done=db.miners.c.jobs_done + 1))
             detail = failure.reason if failure else ""
             self._event(conn, job_id, res.attempt, status, reporter=env.signer, detail=detail)
+            self._dispatch(conn)
         self._notify()
 
     def _notify(self) -> None:
@@ -327,6 +468,27 @@ class ValidatorCore:
                 return view
             with self._changed:
                 self._changed.wait(min(remaining, 1.0))  # the 1 s cap also covers a missed notify
+
+    def watch(self, cap: Capability, known: dict[str, str | None], wait_s: float = 0) -> list[JobState]:
+        """States of the jobs in ``known`` (job id -> ticket id the caller last saw), returned as
+        soon as one of them is final or has a different ticket, or after ``wait_s``. One request
+        lets a driver follow all its jobs (launching a task for every new ticket)."""
+        deadline = time.monotonic() + min(wait_s, 30)
+        ids = list(known)[:1000]
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(db.jobs).where(db.jobs.c.id.in_(ids),
+                                                             db.jobs.c.user_hotkey == cap.user)).all()
+                states = [JobState(job_id=r.id, status=JobStatus(r.status),
+                                   ticket=None if JobStatus(r.status).terminal else self._ticket_ref(conn, r))
+                          for r in rows]
+            changed = any(st.status.terminal or (st.ticket.ticket_id if st.ticket else None) != known[st.job_id]
+                          for st in states)
+            remaining = deadline - time.monotonic()
+            if changed or remaining <= 0:
+                return states
+            with self._changed:
+                self._changed.wait(min(remaining, 1.0))
 
     def _get_job(self, cap: Capability, job_id: str) -> JobView:
         with self.engine.connect() as conn:
@@ -347,9 +509,11 @@ class ValidatorCore:
         result = None
         if job.result_envelope:
             result = JobResult.model_validate(SignedEnvelope.model_validate_json(job.result_envelope).payload)
+        with self.engine.connect() as conn:
+            ticket = None if JobStatus(job.status).terminal else self._ticket_ref(conn, job)
         return JobView(
             job_id=job.id, status=JobStatus(job.status), executor_class=job.executor_class,
-            miner_hotkey=job.miner_hotkey, attempt=job.attempt, created_ns=job.created_ns,
+            miner_hotkey=job.miner_hotkey, attempt=job.attempt, created_ns=job.created_ns, ticket=ticket,
             failure=Failure.model_validate(job.failure) if job.failure else None, result=result,
             history=[StatusEvent(status=JobStatus(e.status), t_ns=e.t_ns, attempt=e.attempt, reporter=e.reporter,
                                  detail=e.detail) for e in events])
@@ -365,5 +529,8 @@ class ValidatorCore:
                             "busy_executors": busy, "jobs_done": m.jobs_done,
                             "heartbeat_age_s": round((now - (m.last_heartbeat_ns or 0)) / NS, 1)})
             counts = dict(conn.execute(sa.select(db.jobs.c.status, sa.func.count()).group_by(db.jobs.c.status)).all())
+            incidents = [dict(r._mapping) for r in conn.execute(
+                sa.select(db.incidents.c.miner_hotkey, db.incidents.c.kind, db.incidents.c.reason, db.incidents.c.job_id,
+                          db.incidents.c.attempt, db.incidents.c.t_ns).order_by(db.incidents.c.id.desc()).limit(50))]
         return {"validator": self.hotkey.ss58, "gcs_address": self.settings.gcs_address(), "miners": out,
-                "jobs": counts}
+                "jobs": counts, "incidents": incidents}

@@ -56,6 +56,7 @@ jobs = sa.Table(
     sa.Column("created_ns", sa.BigInteger, nullable=False),
     sa.Column("miner_hotkey", sa.String, nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False, default=0),
+    sa.Column("max_wait_s", sa.Integer, nullable=False, default=300),
     sa.Column("current_ticket", sa.String, nullable=True),
     sa.Column("failure", sa.JSON, nullable=True),
     sa.Column("result_envelope", sa.Text, nullable=True),
@@ -70,7 +71,21 @@ tickets = sa.Table(
     sa.Column("issued_ns", sa.BigInteger, nullable=False),
     sa.Column("expires_ns", sa.BigInteger, nullable=False),
     sa.Column("active", sa.Boolean, nullable=False, default=True),  # holds an executor
+    sa.Column("fetched_ns", sa.BigInteger, nullable=True),
+    sa.Column("deadline_ns", sa.BigInteger, nullable=True),  # execution limit + leeway, from the fetch
+    sa.Column("retired_reason", sa.String, nullable=True),  # why this attempt was given up
     sa.Column("envelope", sa.Text, nullable=False),
+)
+incidents = sa.Table(
+    "incidents", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("miner_hotkey", sa.String, nullable=False, index=True),
+    sa.Column("t_ns", sa.BigInteger, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),  # "fabric" (not charged) or "miner" (charged)
+    sa.Column("reason", sa.String, nullable=False),
+    sa.Column("job_id", sa.String, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=True),
+    sa.Column("evidence", sa.Text, nullable=True),
 )
 job_events = sa.Table(
     "job_events", metadata,

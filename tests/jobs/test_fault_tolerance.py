@@ -1,0 +1,93 @@
+"""Surviving a dead miner node and a validator-core crash (issue 3, "Done when" 3 and 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from cluster._private.envelope import seal
+from cluster._private.http import ServiceClient
+from cluster._private.identity import Hotkey
+from cluster.errors import TicketRefused
+from jobs._private.models import JobResult
+from tests.conftest import IMAGE
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+URIS = {"miner1": "//Bob", "miner2": "//Charlie"}
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_both_miners_live(stack, timeout_s: float = 60) -> None:
+    def live():
+        st = httpx.get(f"{stack.validator_url}/v1/status", timeout=5).json()
+        return sum(1 for m in st["miners"] if m["node_id"] and m["heartbeat_age_s"] < 5) == 2
+    wait_for(live, timeout_s, "both miners live")
+
+
+def test_job_survives_its_miners_ray_node_being_killed(stack, engine):
+    wait_both_miners_live(stack)
+    handle = stack.submit({"image": IMAGE, "command": ["sh", "-c", "sleep 6; echo done | tee /artifacts/out"]})
+    wait_for(lambda: engine.containers.list(filters={"label": f"rayhorde.job={handle.job_id}"}), 30,
+             "the first attempt's container")
+    first_ticket, first_miner = handle.ticket_id, handle.miner_hotkey
+    name = next(n for n, hk in stack.miners.items() if hk == first_miner)
+    node = json.loads((stack.home / name / "node.json").read_text())
+    os.killpg(node["pid"], signal.SIGKILL)  # the raylet, GCS client, agents: the whole node
+
+    view = handle.result(timeout_s=120)
+    assert view.status.value == "completed"
+    assert view.attempt == 2 and view.miner_hotkey != first_miner
+    assert view.artifact("/artifacts/out") == b"done\n"
+    attempts = {e.attempt for e in view.history}
+    assert {1, 2} <= attempts
+    lost = [e.detail for e in view.history if "lost: ray_node_lost" in e.detail]
+    assert lost == [f"attempt 1 on miner {first_miner} lost: ray_node_lost (fabric incident, not charged); re-queued"]
+    # the first attempt's container is gone
+    assert engine.containers.list(all=True, filters={"label": f"rayhorde.ticket={first_ticket}"}) == []
+    # a late result for the first attempt is refused
+    late = JobResult(job_id=handle.job_id, ticket_id=first_ticket, attempt=1, miner_hotkey=first_miner,
+                     status="completed", exit_code=0)
+    with pytest.raises(TicketRefused) as err:
+        ServiceClient(stack.validator_url).post_signed(f"/v1/jobs/{handle.job_id}/result",
+                                                       seal(Hotkey.from_uri(URIS[name]), "job_result", late))
+    assert err.value.reason == "ticket_closed"
+    # the incident is recorded as a fabric incident (the agent kept heartbeating), not charged
+    incidents = httpx.get(f"{stack.validator_url}/v1/status").json()["incidents"]
+    assert {"miner_hotkey": first_miner, "kind": "fabric", "reason": "ray_node_lost", "job_id": handle.job_id,
+            "attempt": 1}.items() <= next(i for i in incidents if i["job_id"] == handle.job_id).items()
+    wait_both_miners_live(stack)  # the node rejoined
+
+
+def test_validator_core_crash_loses_nothing(stack, engine):
+    wait_both_miners_live(stack)
+    handle = stack.submit({"image": IMAGE, "command": ["sh", "-c", "sleep 4; echo survived"]})
+    def ready():
+        view = handle.status()
+        return view if any(e.status.value == "executor_ready" for e in view.history) else None
+
+    before = wait_for(ready, 30, "executor_ready")
+    pid = stack.local._state()["pids"]["validator"]
+    os.killpg(pid, signal.SIGKILL)
+    time.sleep(5)  # the container finishes meanwhile: the agent's reports are in flight, retrying
+    stack.local.restart("validator")
+    view = handle.result(timeout_s=120)
+    assert view.status.value == "completed"
+    assert view.result.stdout == "survived\n"
+    recorded = [(e.status, e.t_ns, e.detail) for e in before.history]
+    assert [(e.status, e.t_ns, e.detail) for e in view.history][:len(recorded)] == recorded
+    assert [e.status.value for e in view.history][-2:] == ["execution_done", "completed"]
+    wait_both_miners_live(stack)
