@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.integration
 
 UPLOADS = TypeAdapter(list[Upload])
 BUCKET = "outputs"
-FAST = dict(retries=3, backoff_s=0.01, timeout_s=10)
+FAST = dict(retries=3, backoff_s=0.01, timeout_s=10, allow_private_networks=True)
 
 
 def ups(*items: dict) -> list:
@@ -61,12 +62,14 @@ class Proxy:
         self.target = target
         self.fail_first = 0
         self.big_body = False
+        self.delay_s = 0.0
         self.seen: list[dict[str, str]] = []
         self.lock = threading.Lock()
 
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         headers = {k.lower(): v for k, v in h.headers.items()}
         body = h.rfile.read(int(headers.get("content-length", "0")))
+        time.sleep(self.delay_s)
         with self.lock:
             self.seen.append(headers)
             failing = self.fail_first > 0
@@ -103,10 +106,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that gave up (deadline test) is not a test failure
+
+
 @pytest.fixture
 def proxy(s3):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), _Handler)
     server.proxy = Proxy(s3.endpoint)
     server.proxy.client = s3_client(f"http://127.0.0.1:{server.server_address[1]}")  # signs for the proxy's host
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -246,6 +255,23 @@ def test_unsafe_or_missing_outputs_refused_before_sending(proxy, output, tmp_pat
         upload_outputs(spec, output, **FAST)
     assert info.value.reason == "upload_failed"
     assert proxy.seen == []  # every file is checked before anything is sent
+
+
+def test_private_addresses_refused_by_default(proxy, output):
+    with pytest.raises(UploadError, match=r"resolves to 127\.0\.0\.1, which is not a public address"):
+        upload_outputs(ups({"type": "put", "path": "top.json", "url": put_url(proxy.client, "x")}), output,
+                       **{**FAST, "allow_private_networks": False})
+    assert proxy.seen == []
+
+
+def test_deadline(proxy, output):
+    proxy.delay_s = 2.0
+    t0 = time.monotonic()
+    with pytest.raises(UploadError) as info:
+        upload_outputs(ups({"type": "put", "path": "top.json", "url": put_url(proxy.client, "x")}), output,
+                       deadline_s=0.3, **FAST)
+    assert info.value.reason == "timeout" and "ran past the upload stage's time limit" in info.value.message
+    assert time.monotonic() - t0 < 1.5
 
 
 def test_superseded_attempt_uploads_nothing(proxy, output):

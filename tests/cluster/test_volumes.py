@@ -200,7 +200,7 @@ def root(tmp_path) -> Path:
 
 def limits(**kw) -> VolumeLimits:
     base = dict(max_download_bytes=5_000_000, max_unpacked_bytes=5_000_000, max_files=100, max_parallel=3,
-                retries=3, backoff_s=0.01, timeout_s=5)
+                retries=3, backoff_s=0.01, timeout_s=5, allow_private_networks=True)
     return VolumeLimits(**{**base, **kw})
 
 
@@ -366,6 +366,15 @@ def test_gives_up_after_retries(origin, root):
     assert len(origin.requests("/down")) == 3
 
 
+def test_private_addresses_refused_by_default(origin, root, model_repo):
+    origin.files["/f"] = b"internal"
+    refused(root, vols({"type": "http_file", "path": "f", "url": origin.url + "/f"}), "download_failed",
+            r"resolves to 127\.0\.0\.1, which is not a public address", limits=limits(allow_private_networks=False))
+    refused(root, vols({"type": "huggingface", "path": "hf", "repo_id": "acme/tiny"}), "download_failed",
+            "not a public address", hf_endpoint=origin.url, limits=limits(allow_private_networks=False))
+    assert origin.log == []
+
+
 def test_http_404_fails_at_once(origin, root):
     err = refused(root, vols({"type": "http_file", "path": "f", "url": origin.url + "/missing?sig=s3cr3t"}),
                   "download_failed", r"answered HTTP 404 \(not found\)")
@@ -376,7 +385,7 @@ def test_declared_length_over_cap_refused_before_download(origin, root):
     origin.files["/huge"] = b"x" * 1000
     origin.declare["/huge"] = 10_000_000_000
     refused(root, vols({"type": "http_file", "path": "f", "url": origin.url + "/huge"}), "volume_too_large",
-            r"would reach \(by declared sizes\) 10000000000 bytes, over the 5000000-byte cap")
+            r"would reach \(by declared sizes\) 10000000000 bytes, over the cap of 5000000 \(max_download_bytes\)")
     assert len(origin.requests("/huge")) == 1  # no retry: a cap refusal is final
 
 
@@ -384,7 +393,8 @@ def test_streaming_past_cap_refused_when_length_omitted(origin, root):
     origin.files["/liar"] = os.urandom(2_000_000)
     origin.no_length.add("/liar")
     refused(root, vols({"type": "http_file", "path": "f", "url": origin.url + "/liar"}), "volume_too_large",
-            r"downloads reached \d+ bytes, over the 1000000-byte cap", limits=limits(max_download_bytes=1_000_000))
+            r"downloads reached \d+ bytes, over the cap of 1000000 \(max_download_bytes\)",
+            limits=limits(max_download_bytes=1_000_000))
 
 
 def test_caps_are_shared_across_volumes(origin, root):

@@ -14,6 +14,8 @@ Why it looks the way it does:
 * uploads are retried with exponential backoff on connection errors and 408/429/5xx only; a
   4xx (expired or wrongly signed URL) will not get better and fails at once, quoting the
   target's error body so the user can see S3's reason;
+* a URL (or redirect) resolving to a loopback, private or link-local address is refused unless
+  ``allow_private_networks`` is set: a job must not make the miner POST to its own services;
 * the target's answer (status, headers, body up to ``body_cap_bytes``) is returned so the user
   gets e.g. the ETag S3 assigned; URLs are redacted in messages (their query is a signature).
 """
@@ -32,6 +34,7 @@ from typing import BinaryIO, Callable, Sequence
 
 import httpx
 
+from cluster._private.miner.volumes import PrivateAddress, refuse_private_addresses
 from jobs._private.io_models import ZIP_RESPONSE_PATH, PostUpload, PutUpload, UploadResponse, ZipUpload, redact_url
 
 AnyUpload = PutUpload | PostUpload | ZipUpload
@@ -121,7 +124,8 @@ def upload_outputs(uploads: Sequence[AnyUpload], output_dir: Path, *, retries: i
                    timeout_s: float = 60.0, body_cap_bytes: int = 16384, max_parallel: int = 3,
                    deadline_s: float | None = None, cancel: threading.Event | None = None,
                    still_current: Callable[[], bool] | None = None, scratch_dir: Path | None = None,
-                   clock: Callable[[], float] = time.monotonic) -> list[UploadResponse]:
+                   allow_private_networks: bool = False, clock: Callable[[], float] = time.monotonic,
+                   ) -> list[UploadResponse]:
     """Send every upload (a few at a time); return the targets' answers in ``uploads`` order.
 
     Raises :class:`UploadError` for the first upload that fails after its retries (the others
@@ -143,7 +147,8 @@ def upload_outputs(uploads: Sequence[AnyUpload], output_dir: Path, *, retries: i
             zip_path = Path(scratch) / "output.zip"
             if any(isinstance(u, ZipUpload) for u in uploads):
                 zip_output_dir(output_dir, zip_path)
-            with httpx.Client(follow_redirects=False, timeout=timeout_s,
+            hooks = {} if allow_private_networks else {"request": [refuse_private_addresses]}
+            with httpx.Client(follow_redirects=False, timeout=timeout_s, event_hooks=hooks,
                               headers={"User-Agent": "rayhorde-miner"}) as client, \
                     ThreadPoolExecutor(max_parallel, thread_name_prefix="upload") as pool:
                 ctx = _Ctx(client, retries, backoff_s, timeout_s, body_cap_bytes, deadline, cancel, stop, clock)
@@ -231,6 +236,8 @@ class _Ctx:
                                           bytes_sent=size)
                 except (_Retryable, httpx.TransportError) as exc:
                     last = str(exc) or type(exc).__name__
+                except PrivateAddress as exc:
+                    raise UploadError("upload_failed", f"upload of {what}: {exc}") from None
                 failures += 1
                 if failures > self.retries:
                     raise UploadError("upload_failed", f"upload of {what} to {shown} failed after {failures} tries "

@@ -12,6 +12,10 @@ party *declares* is trusted on its own:
   (encoded in ``external_attr``); such archives are refused outright rather than "fixed", and
   files are created with ``O_EXCL | O_NOFOLLOW`` so nothing is ever written through a link;
   Hub file names get the same check as zip entries (a hostile Hub mirror is still hostile);
+* where: a URL (or a redirect) that resolves to a loopback, private or link-local address is
+  refused unless ``allow_private_networks`` is set, so a job cannot make the miner fetch from
+  its own services (the agent, the Ray dashboard, a cloud metadata endpoint) and mount the
+  answer into the container;
 * failure leaves nothing behind: downloads go to a staging directory next to ``root`` and
   everything under ``root`` is removed if any volume fails, so a half-prepared input never
   reaches a container.
@@ -27,10 +31,12 @@ revision/{revision}`` lists the files (``siblings``), then ``GET {endpoint}/[dat
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import json
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import threading
@@ -54,7 +60,6 @@ RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 _HF_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _CHUNK = 1 << 16
-_LISTING_MAX_BYTES = 64 << 20
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -81,6 +86,8 @@ class VolumeLimits(BaseModel):
     retries: int = Field(default=3, ge=0, le=20, description="retries after the first try, per download")
     backoff_s: float = Field(default=0.5, ge=0, description="first retry delay; doubles each retry")
     timeout_s: float = Field(default=30.0, gt=0, description="per network operation (connect, each read)")
+    allow_private_networks: bool = Field(default=False, description="let URLs reach loopback/private addresses "
+                                         "(local test stacks only)")
 
 
 class PreparedVolume(BaseModel):
@@ -89,6 +96,26 @@ class PreparedVolume(BaseModel):
     files: int = 0
     unpacked_bytes: int = 0
     downloaded_bytes: int = 0
+
+
+class PrivateAddress(Exception):
+    """A URL resolved to an address that is not globally routable."""
+
+
+def refuse_private_addresses(request: httpx.Request) -> None:
+    """httpx request hook (runs for redirects too): refuse non-global destinations.
+
+    A hostname is resolved here and again when connecting, so DNS rebinding can still slip
+    through; a firewall on the miner is the complete answer, this catches the plain case."""
+    host = request.url.host
+    try:
+        addrs = {info[4][0] for info in socket.getaddrinfo(host, request.url.port or 80, type=socket.SOCK_STREAM)}
+    except (socket.gaierror, UnicodeError):
+        return  # the connection attempt will fail with a clear error of its own
+    bad = sorted(a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_global)
+    if bad:
+        raise PrivateAddress(f"{redact_url(str(request.url))} resolves to {bad[0]}, which is not a public address; "
+                             "miners fetch and send only to public hosts")
 
 
 class _Aborted(Exception):
@@ -111,7 +138,8 @@ class _Run:
         self.errors: list[Exception] = []
         self.downloaded = self.unpacked = self.files = 0
         self.stats: dict[str, PreparedVolume] = {}
-        self.client = httpx.Client(follow_redirects=True, timeout=limits.timeout_s,
+        hooks = {} if limits.allow_private_networks else {"request": [refuse_private_addresses]}
+        self.client = httpx.Client(follow_redirects=True, timeout=limits.timeout_s, event_hooks=hooks,
                                    headers={"User-Agent": "rayhorde-miner", "Accept-Encoding": "identity"})
 
     # ------------------------------------------------------------------ budget and liveness
@@ -127,21 +155,18 @@ class _Run:
     def count(self, vol: AnyVolume, *, downloaded: int = 0, unpacked: int = 0, files: int = 0,
               declared: bool = False) -> None:
         """Add to the totals (or, with ``declared``, only check that adding would fit)."""
-        lim = self.limits
+        lim, how = self.limits, "would reach (by declared sizes)" if declared else "reached"
+        bigger = "use smaller inputs or an executor class with a larger volume cap"
         with self.lock:
             d, u, f = self.downloaded + downloaded, self.unpacked + unpacked, self.files + files
-            how = "would reach (by declared sizes)" if declared else "reached"
-            if d > lim.max_download_bytes:
-                raise VolumeError("volume_too_large", f"volume {vol.path!r}: downloads {how} {d} bytes, over the "
-                                  f"{lim.max_download_bytes}-byte cap (max_download_bytes); use smaller inputs or an "
-                                  "executor class with a larger volume cap")
-            if u > lim.max_unpacked_bytes:
-                raise VolumeError("volume_too_large", f"volume {vol.path!r}: unpacked files {how} {u} bytes, over "
-                                  f"the {lim.max_unpacked_bytes}-byte cap (max_unpacked_bytes); use smaller inputs "
-                                  "or an executor class with a larger volume cap")
-            if f > lim.max_files:
-                raise VolumeError("too_many_files", f"volume {vol.path!r}: volumes {how} {f} files and directories, "
-                                  f"over the cap of {lim.max_files} (max_files); pack small files into fewer ones")
+            for value, cap, name, reason, what, fix in (
+                    (d, lim.max_download_bytes, "max_download_bytes", "volume_too_large", "downloads", bigger),
+                    (u, lim.max_unpacked_bytes, "max_unpacked_bytes", "volume_too_large", "unpacked files", bigger),
+                    (f, lim.max_files, "max_files", "too_many_files", "volumes", "pack small files into fewer ones")):
+                if value > cap:
+                    unit = "files and directories" if name == "max_files" else "bytes"
+                    raise VolumeError(reason, f"volume {vol.path!r}: {what} {how} {value} {unit}, over the cap of "
+                                      f"{cap} ({name}); {fix}")
             if not declared:
                 self.downloaded, self.unpacked, self.files = d, u, f
                 st = self.stats[vol.path]
@@ -200,6 +225,8 @@ class _Run:
                     return have
             except (_Retryable, httpx.TransportError) as exc:
                 last = str(exc) or type(exc).__name__
+            except PrivateAddress as exc:
+                raise VolumeError("download_failed", f"volume {vol.path!r}: {exc}") from None
             failures += 1
             if failures > self.limits.retries:
                 raise VolumeError("download_failed", f"volume {vol.path!r}: {shown} failed after {failures} tries "
@@ -208,24 +235,27 @@ class _Run:
                 raise _Aborted()
 
     def get_json(self, vol: AnyVolume, url: str, headers: dict[str, str], what: str) -> object:
-        """A small JSON document, with the same retries; 4xx are explained by the Hub's error code."""
+        """A JSON document, fetched like any download (caps, retries), then not counted as input."""
         body = self.staging / f"listing-{threading.get_ident()}.json"
         try:
-            self.download(vol, url, body, headers)
-            with open(body, "rb") as fh:
-                data = fh.read(_LISTING_MAX_BYTES + 1)
-            self.count(vol, downloaded=-len(data))  # listings do not count towards the input cap
-            if len(data) > _LISTING_MAX_BYTES:
-                raise VolumeError("download_failed", f"volume {vol.path!r}: {what} is over {_LISTING_MAX_BYTES} bytes")
-            return json.loads(data)
+            self.count(vol, downloaded=-self.download(vol, url, body, headers))
+            return json.loads(body.read_bytes())
         except ValueError as exc:
             raise VolumeError("download_failed", f"volume {vol.path!r}: {what} is not valid JSON ({exc})") from None
         finally:
             body.unlink(missing_ok=True)
 
+    def mkdirs(self, vol: AnyVolume, rel: Path) -> None:
+        """Create ``root/rel`` and its missing parents, world-readable, each counted as a file."""
+        for p in reversed([rel, *rel.parents][:-1]):
+            if not (self.root / p).is_dir():
+                self.count(vol, files=1)
+                (self.root / p).mkdir(mode=0o755, exist_ok=True)
+                os.chmod(self.root / p, 0o755)
+
     # ------------------------------------------------------------------ archives
     def extract(self, vol: AnyVolume, archive: Path, target: Path) -> None:
-        """Extract a zip into ``target`` after checking every entry, counting while writing."""
+        """Extract a zip into ``root/target`` after checking every entry, counting while writing."""
         try:
             zf = zipfile.ZipFile(archive)
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
@@ -255,17 +285,16 @@ class _Run:
             if clash:
                 raise VolumeError("unsafe_archive", f"volume {vol.path!r}: zip path {clash[0]!r} is both a file and "
                                   "a directory; fix the archive")
-            entries = len(dirs | {n for n, _ in plan})
-            self.count(vol, files=entries, unpacked=declared, declared=True)
-            self.count(vol, files=entries)
+            self.count(vol, files=len(dirs | names), unpacked=declared, declared=True)
             for rel in sorted(dirs):
-                os.makedirs(target / rel, mode=0o755, exist_ok=True)
+                self.mkdirs(vol, target / rel)
             for rel, info in plan:
                 if not info.is_dir():
                     self._write_entry(vol, zf, info, target / rel)
 
     def _write_entry(self, vol: AnyVolume, zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path) -> None:
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        self.count(vol, files=1)
+        fd = os.open(self.root / dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         written = 0
         try:
             with os.fdopen(fd, "wb") as out, zf.open(info) as src:
@@ -285,16 +314,14 @@ class _Run:
 
     def place(self, vol: AnyVolume, staged: Path, rel: str) -> None:
         """Move a downloaded file to ``root/<vol.path>/<rel>`` (or ``root/<vol.path>`` when rel is '')."""
-        final = self.root / vol.path / rel if rel else self.root / vol.path
-        parents = [p for p in final.relative_to(self.root).parents if str(p) != "."]
-        new_dirs = [p for p in parents if not (self.root / p).exists()]
-        self.count(vol, unpacked=staged.stat().st_size, files=1 + len(new_dirs))
-        for p in reversed(parents):
-            (self.root / p).mkdir(mode=0o755, exist_ok=True)
+        final = Path(vol.path, rel) if rel else Path(vol.path)
+        self.count(vol, unpacked=staged.stat().st_size, files=1)
+        if final.parent != Path("."):
+            self.mkdirs(vol, final.parent)
         os.chmod(staged, 0o644)
-        if final.exists() or final.is_symlink():
-            raise VolumeError("invalid_volume", f"volume {vol.path!r}: {rel or vol.path!r} would be written twice")
-        os.replace(staged, final)
+        if (self.root / final).exists() or (self.root / final).is_symlink():
+            raise VolumeError("invalid_volume", f"volume {vol.path!r}: {final.as_posix()!r} would be written twice")
+        os.replace(staged, self.root / final)
 
 
 def _check_entry(vol: AnyVolume, info: zipfile.ZipInfo) -> str | None:
@@ -339,9 +366,7 @@ def _span(resp: httpx.Response, have: int) -> tuple[int, int | None]:
 def _hint(code: int) -> str:
     if code in (401, 403):
         return " (access denied); check that the URL is presigned and unexpired, or give a token"
-    if code == 404:
-        return " (not found); check the URL or repository, revision and file names"
-    return "; check the URL"
+    return " (not found); check the URL or repository, revision and file names" if code == 404 else "; check the URL"
 
 
 def _hf_files(run: _Run, vol: HuggingFaceVolume, endpoint: str) -> list[tuple[str, str]]:
@@ -399,6 +424,7 @@ def prepare_volumes(volumes: Sequence[AnyVolume], root: Path, *, limits: VolumeL
     if not created and any(root.iterdir()):
         raise ValueError(f"volume root {root} is not empty")
     root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
     run = _Run(root, staging, limits, None if deadline_s is None else clock() + deadline_s, cancel, clock)
     run.stats = {v.path: PreparedVolume(path=v.path, type=v.type) for v in volumes}
@@ -430,17 +456,13 @@ def prepare_volumes(volumes: Sequence[AnyVolume], root: Path, *, limits: VolumeL
 
 
 def _guard(run: _Run, fn: Callable, *args):
-    """Run ``fn`` in a worker; record the first real error and stop the other workers."""
+    """Run ``fn`` in a worker; record the first real error (VolumeError, OSError such as a full
+    disk, or a bug) and stop the other workers."""
     try:
         return fn(*args)
     except _Aborted:
         return []
-    except VolumeError as exc:
-        with run.lock:
-            run.errors.append(exc)
-        run.abort.set()
-        return []
-    except Exception as exc:  # OSError (disk full, ...) or a bug: stop everything, report it
+    except Exception as exc:
         if isinstance(exc, OSError):
             exc = VolumeError("download_failed", f"the miner could not write a volume ({exc})")
         with run.lock:
@@ -460,23 +482,14 @@ def _fetch(run: _Run, vol: AnyVolume, url: str, rel: str, index: int) -> None:
         headers = {"Authorization": f"Bearer {vol.token}"} if isinstance(vol, HuggingFaceVolume) and vol.token else {}
         run.download(vol, url, staged, headers)
     if isinstance(vol, (InlineZipVolume, ZipUrlVolume)):
-        target = run.root / vol.path
-        for p in reversed([p for p in target.relative_to(run.root).parents if str(p) != "."] + [target.relative_to(run.root)]):
-            if not (run.root / p).exists():
-                run.count(vol, files=1)
-                (run.root / p).mkdir(mode=0o755)
-        run.extract(vol, staged, target)
+        run.mkdirs(vol, Path(vol.path))
+        run.extract(vol, staged, Path(vol.path))
         staged.unlink()
     else:
         run.place(vol, staged, rel)
 
 
 def _empty(root: Path, *, remove: bool) -> None:
-    if remove:
-        shutil.rmtree(root, ignore_errors=True)
-        return
-    for child in list(root.iterdir()):
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    if not remove:
+        root.mkdir(mode=0o755)
