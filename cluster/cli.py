@@ -35,7 +35,18 @@ def _stack_state(home: Path) -> dict:
 home_option = click.option("--home", default=None, help="state directory (default $RAYHORDE_HOME/local)")
 
 
-@click.group()
+class _Group(click.Group):
+    """Turns rayhorde's own errors into one clean line (exit 2) instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RayhordeError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Group)
 def main() -> None:
     """rayhorde: a decentralised compute market on Ray."""
 
@@ -129,16 +140,15 @@ def job_run(home: str | None, wallet: str, wallet_uri: str, image: str, env: tup
     state = _stack_state(_home(home))
     spec = {"image": image, "command": list(command), "env": dict(e.split("=", 1) for e in env),
             "executor_class": executor_class, "execution_timeout_s": timeout_s}
-    view = run_job(state, spec, wallet=wallet, wallet_uri=wallet_uri)
+    view = run_job(state, spec, wallet=wallet, wallet_uri=wallet_uri, progress=sys.stderr.isatty())
     print_view(view)
     if view.status.value != "completed":
         sys.exit(1)
 
 
 def run_job(state: dict, spec: dict, *, wallet: str = "user", wallet_uri: str | None = "//Dave",
-            timeout_s: float = 300) -> JobView:
+            timeout_s: float = 300, progress: bool = False) -> JobView:
     """Submit a driver with ``ray job submit`` semantics (Jobs REST API) and read the result from validator-core."""
-    from ray.job_submission import JobStatus as RayJobStatus
     from ray.job_submission import JobSubmissionClient
 
     cap = _user_capability(state, wallet, wallet_uri, max_jobs=1, ttl_s=600)
@@ -148,15 +158,37 @@ def run_job(state: dict, spec: dict, *, wallet: str = "user", wallet_uri: str | 
                             runtime_env={"env_vars": {"RAYHORDE_VALIDATOR_URL": state["validator_url"],
                                                       "RAYHORDE_CAPABILITY": cap}})
     deadline = time.monotonic() + timeout_s
-    while client.get_job_status(sub) not in (RayJobStatus.SUCCEEDED, RayJobStatus.FAILED, RayJobStatus.STOPPED):
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"driver {sub} still running after {timeout_s:.0f} s")
-        time.sleep(0.2)
-    logs = client.get_job_logs(sub)
-    ids = [line.split("=", 1)[1].strip() for line in logs.splitlines() if line.startswith("RAYHORDE_JOB_ID=")]
-    if not ids:
-        raise click.ClickException(f"driver {sub} did not register a job; its output:\n{logs[-2000:]}")
-    return get_job(state["validator_url"], cap, ids[0])
+    job_id = None
+    while job_id is None:  # the driver prints the job id as soon as validator-core accepted it
+        ids = [ln.split("=", 1)[1].strip() for ln in client.get_job_logs(sub).splitlines()
+               if ln.startswith("RAYHORDE_JOB_ID=")]
+        if ids:
+            job_id = ids[0]
+        elif client.get_job_status(sub).is_terminal() or time.monotonic() > deadline:
+            raise click.ClickException(f"driver {sub} did not register a job; its output:\n"
+                                       f"{client.get_job_logs(sub)[-2000:]}")
+        else:
+            time.sleep(0.2)
+    return follow_job(state["validator_url"], cap, job_id, timeout_s=deadline - time.monotonic(), progress=progress)
+
+
+def follow_job(validator_url: str, cap: str, job_id: str, *, timeout_s: float, progress: bool) -> JobView:
+    """Long-poll the job until it is final; with ``progress``, keep one live status line."""
+    from cluster._private.http import ServiceClient
+
+    client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {cap}"})
+    t0 = time.monotonic()
+    while True:
+        view = JobView.model_validate(client.get(f"/v1/jobs/{job_id}", params={"wait_s": 1}, timeout=35))
+        if progress:
+            last = view.history[-1] if view.history else None
+            line = (f"[{time.monotonic() - t0:6.1f} s] {view.status.value:<15} attempt {view.attempt} "
+                    f"{(view.miner_hotkey or '')[:12]} {last.detail[:60] if last else ''}")
+            click.echo("\r" + line.ljust(110), nl=False, err=True)
+        if view.status.terminal or time.monotonic() - t0 > timeout_s:
+            if progress:
+                click.echo("", err=True)
+            return view
 
 
 def print_view(view: JobView) -> None:
@@ -175,6 +207,62 @@ def print_view(view: JobView) -> None:
             click.echo(f"  stdout    {view.result.stdout!r}")
 
 
+def _reader(home: str | None, wallet: str, wallet_uri: str):
+    from cluster._private.http import ServiceClient
+    state = _stack_state(_home(home))
+    cap = _user_capability(state, wallet, wallet_uri, max_jobs=1, ttl_s=600)
+    return state, cap, ServiceClient(state["validator_url"], headers={"Authorization": f"Bearer {cap}"})
+
+
+@job.command("status")
+@home_option
+@_with(user_options)
+@click.argument("job_id")
+def job_status(home: str | None, wallet: str, wallet_uri: str, job_id: str) -> None:
+    """Show a job: status, miner, failure, full history, artifacts."""
+    _, _, client = _reader(home, wallet, wallet_uri)
+    print_view(JobView.model_validate(client.get(f"/v1/jobs/{job_id}")))
+
+
+@job.command("logs")
+@home_option
+@_with(user_options)
+@click.option("--follow", is_flag=True, help="wait for the job to finish, with a live progress line")
+@click.argument("job_id")
+def job_logs(home: str | None, wallet: str, wallet_uri: str, follow: bool, job_id: str) -> None:
+    """Print a job's stdout and stderr (once it has finished)."""
+    state, cap, client = _reader(home, wallet, wallet_uri)
+    view = (follow_job(state["validator_url"], cap, job_id, timeout_s=86400, progress=True) if follow
+            else JobView.model_validate(client.get(f"/v1/jobs/{job_id}")))
+    if view.result is None:
+        raise click.ClickException(f"job {job_id} is {view.status.value}: no logs yet (try --follow)")
+    click.echo(view.result.stdout, nl=False)
+    click.echo(view.result.stderr, nl=False, err=True)
+
+
+@job.command("list")
+@home_option
+@_with(user_options)
+def job_list(home: str | None, wallet: str, wallet_uri: str) -> None:
+    """List this user's most recent jobs."""
+    _, _, client = _reader(home, wallet, wallet_uri)
+    for raw in client.get("/v1/jobs"):
+        v = JobView.model_validate(raw)
+        click.echo(f"{v.job_id}  {v.status.value:<13} attempt {v.attempt}  {v.executor_class:<16} "
+                   f"{v.miner_hotkey or '-'}")
+
+
+@job.command("cancel")
+@home_option
+@_with(user_options)
+@click.argument("job_id")
+def job_cancel(home: str | None, wallet: str, wallet_uri: str, job_id: str) -> None:
+    """Cancel a job: it ends `cancelled` and its container is killed."""
+    _, _, client = _reader(home, wallet, wallet_uri)
+    view = JobView.model_validate(client.post(f"/v1/jobs/{job_id}/cancel"))
+    click.echo(f"job {view.job_id}: {view.status.value}")
+
+
 @main.command()
 @home_option
 def demo(home: str | None) -> None:
@@ -184,11 +272,7 @@ def demo(home: str | None) -> None:
 
 
 def cli_entry() -> None:
-    try:
-        main(standalone_mode=True)
-    except RayhordeError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    main()
 
 
 if __name__ == "__main__":

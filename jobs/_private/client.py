@@ -31,6 +31,9 @@ CAPABILITY_ENV = "RAYHORDE_CAPABILITY"
 # organic task so the capability and validator address never reach a miner's node.
 _SCRUB = {VALIDATOR_URL_ENV: "", CAPABILITY_ENV: ""}
 _remote_task = None
+# What AgentCore.verify refuses a ticket for: validator-core never hears of those from the agent.
+_AGENT_REFUSALS = ("invalid_signature", "malformed", "wrong_miner", "wrong_attempt", "ticket_expired",
+                   "ticket_replayed")
 
 
 class JobNotFinished(ServiceUnavailable, TimeoutError):
@@ -100,8 +103,8 @@ class JobHandle:
             return
         ref, self._task_ref = self._task_ref, None
         answer = _task_answer(ref)
-        if not answer.get("ok") and answer.get("reason") not in ("task_failed", "agent_unreachable", "agent_error"):
-            self._refusal = answer  # a lost task (node died) is validator-core's to re-ticket
+        if not answer.get("ok") and answer.get("reason") in _AGENT_REFUSALS:
+            self._refusal = answer  # anything else (a lost task, a closed ticket) is validator-core's to settle
             self._done.set()
 
 

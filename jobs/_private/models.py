@@ -28,10 +28,12 @@ class JobStatus(str, enum.Enum):
     rejected = "rejected"
     failed = "failed"
     horde_failed = "horde_failed"
+    cancelled = "cancelled"  # by its user
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.completed, JobStatus.rejected, JobStatus.failed, JobStatus.horde_failed)
+        return self in (JobStatus.completed, JobStatus.rejected, JobStatus.failed, JobStatus.horde_failed,
+                        JobStatus.cancelled)
 
 
 class FailureKind(str, enum.Enum):

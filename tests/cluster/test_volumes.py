@@ -413,6 +413,22 @@ def test_deadline(origin, root):
     assert time.monotonic() - t0 < 2.5
 
 
+def test_cancel(origin, root):
+    origin.files["/slow"] = os.urandom(1_000_000)
+    origin.slow.add("/slow")
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    refused(root, vols({"type": "http_file", "path": "f", "url": origin.url + "/slow"}), "cancelled",
+            "the job was cancelled", cancel=cancel)
+
+
+def test_disk_failure_is_the_miners_fault(root, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("cluster._private.miner.volumes._Run.extract", full)
+    refused(root, _inline(make_zip({"a": b"a"})), "miner_io_error", "No space left on device")
+
+
 # ---------------------------------------------------------------------- hostile archives
 def _inline(data: bytes) -> list:
     return vols({"type": "inline_zip", "path": "in", "contents_b64": base64.b64encode(data).decode()})

@@ -91,3 +91,27 @@ def test_validator_core_crash_loses_nothing(stack, engine):
     assert [(e.status, e.t_ns, e.detail) for e in view.history][:len(recorded)] == recorded
     assert [e.status.value for e in view.history][-2:] == ["execution_done", "completed"]
     wait_both_miners_live(stack)
+
+
+def test_agent_restart_cleans_up_and_its_job_moves_on(stack, engine):
+    wait_both_miners_live(stack)
+    handle = stack.submit({"image": IMAGE, "command": ["sh", "-c", "sleep 8; echo moved"]})
+    first = wait_for(lambda: engine.containers.list(filters={"label": f"rayhorde.job={handle.job_id}"}), 30,
+                     "the first attempt's container")[0]
+    first_miner = handle.miner_hotkey
+    name = next(n for n, hk in stack.miners.items() if hk == first_miner)
+    os.killpg(stack.local._state()["pids"][name], signal.SIGKILL)  # no chance to clean up
+    time.sleep(0.5)
+    assert engine.containers.get(first.id).status == "running"  # left behind by the killed agent
+    stack.local.restart(name)
+
+    view = handle.result(timeout_s=120)
+    assert view.status.value == "completed" and view.result.stdout == "moved\n"
+    assert view.attempt == 2 and view.miner_hotkey != first_miner
+    assert any(f"attempt 1 on miner {first_miner} lost: agent_restarted (charged to the miner)" in e.detail
+               for e in view.history)
+    assert engine.containers.list(all=True, filters={"id": first.id}) == []  # the restarted agent removed it
+    incidents = httpx.get(f"{stack.validator_url}/v1/status").json()["incidents"]
+    assert any(i["job_id"] == handle.job_id and i["kind"] == "miner" and i["reason"] == "agent_restarted"
+               for i in incidents)
+    wait_both_miners_live(stack)

@@ -192,6 +192,10 @@ class AgentCore:
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    def kill_tickets(self, ticket_ids: list[str]) -> int:
+        """Kill the containers of tickets validator-core says are no longer ours to run."""
+        return sum(self.runtime.kill_labelled("rayhorde.ticket", t) for t in ticket_ids)
+
     def kill_all(self) -> int:
         """Kill every container this agent started (shutdown, or its Ray node died)."""
         return self.runtime.kill_labelled(AGENT_LABEL, self.hotkey.ss58)

@@ -54,6 +54,24 @@ def wait_for_file(path: Path, proc, timeout_s: float) -> dict:
     raise TimeoutError(f"Ray worker node did not come up within {timeout_s:.0f} s")
 
 
+def _stop_orphaned_node(node_file: Path) -> None:
+    """A previous agent that was killed leaves its Ray node running (its own session): stop it,
+    by the PID it recorded, before starting ours on the same ports."""
+    try:
+        pid = int(json.loads(node_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            ours = b"cluster._private.ray_node" in fh.read()  # the PID may have been reused
+    except OSError:
+        ours = False
+    if ours:
+        log.warning("stopping the Ray node (pid %d) a previous agent left behind", pid)
+        ray_node.stop_process(pid)
+    node_file.unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default=None)
@@ -72,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     left = core.kill_all()
     if left:
         log.warning("removed %d containers left by a previous run", left)
+    _stop_orphaned_node(home / "node.json")
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -124,10 +143,14 @@ def main(argv: list[str] | None = None) -> int:
                 proc, node_id = start_node()
                 continue
             try:
-                validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
-                                                            Heartbeat(running_tickets=sorted(core.running))))
+                answer = validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
+                                                                     Heartbeat(running_tickets=sorted(core.running))))
             except Exception as exc:  # validator-core may be restarting; keep serving
                 log.warning("heartbeat failed: %s", exc)
+                continue
+            stale = answer.get("kill_tickets") or []
+            if stale:  # cancelled by their user or given to another miner
+                log.info("killing %d containers of tickets no longer ours: %s", core.kill_tickets(stale), stale)
         return 0
     finally:
         killed = core.kill_all()

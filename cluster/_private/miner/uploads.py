@@ -38,7 +38,8 @@ from cluster._private.miner.volumes import PrivateAddress, refuse_private_addres
 from jobs._private.io_models import ZIP_RESPONSE_PATH, PostUpload, PutUpload, UploadResponse, ZipUpload, redact_url
 
 AnyUpload = PutUpload | PostUpload | ZipUpload
-REASONS = ("upload_failed", "timeout", "cancelled", "superseded")
+REASONS = ("upload_failed", "timeout", "cancelled", "superseded", "miner_io_error")
+"""``miner_io_error`` (the miner could not write the zip) is the miner's fault; the rest are the job's."""
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 _CHUNK = 1 << 16
 
@@ -109,7 +110,7 @@ def zip_output_dir(output_dir: Path, dest: Path) -> int:
                     continue  # a link, FIFO, device or socket: not part of the output
                 with src:
                     st = os.fstat(src.fileno())
-                    info = zipfile.ZipInfo(rel, time.localtime(max(st.st_mtime, 315532800))[:6])
+                    info = zipfile.ZipInfo(rel, time.gmtime(min(max(st.st_mtime, 315532800), 4354819199))[:6])
                     info.compress_type = zipfile.ZIP_DEFLATED
                     info.external_attr = (stat.S_IFREG | 0o644) << 16
                     info.file_size = st.st_size
@@ -146,7 +147,10 @@ def upload_outputs(uploads: Sequence[AnyUpload], output_dir: Path, *, retries: i
                 sources.append(None if isinstance(u, ZipUpload) else open_output_file(output_dir, u.path))
             zip_path = Path(scratch) / "output.zip"
             if any(isinstance(u, ZipUpload) for u in uploads):
-                zip_output_dir(output_dir, zip_path)
+                try:
+                    zip_output_dir(output_dir, zip_path)
+                except OSError as exc:
+                    raise UploadError("miner_io_error", f"the miner could not zip /output ({exc})") from None
             hooks = {} if allow_private_networks else {"request": [refuse_private_addresses]}
             with httpx.Client(follow_redirects=False, timeout=timeout_s, event_hooks=hooks,
                               headers={"User-Agent": "rayhorde-miner"}) as client, \

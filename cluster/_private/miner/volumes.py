@@ -55,7 +55,8 @@ from jobs._private.io_models import (HttpFileVolume, HuggingFaceVolume, InlineZi
 
 AnyVolume = InlineZipVolume | HttpFileVolume | ZipUrlVolume | HuggingFaceVolume
 REASONS = ("download_failed", "volume_too_large", "unsafe_archive", "too_many_files", "invalid_volume", "timeout",
-           "cancelled")
+           "cancelled", "miner_io_error")
+"""``miner_io_error`` (the miner's disk failed or filled up) is the miner's fault; the rest are the job's."""
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 _HF_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
@@ -248,10 +249,12 @@ class _Run:
     def mkdirs(self, vol: AnyVolume, rel: Path) -> None:
         """Create ``root/rel`` and its missing parents, world-readable, each counted as a file."""
         for p in reversed([rel, *rel.parents][:-1]):
-            if not (self.root / p).is_dir():
-                self.count(vol, files=1)
-                (self.root / p).mkdir(mode=0o755, exist_ok=True)
-                os.chmod(self.root / p, 0o755)
+            try:
+                (self.root / p).mkdir(mode=0o755)  # atomic: of two workers, one creates and counts it
+            except FileExistsError:
+                continue
+            os.chmod(self.root / p, 0o755)
+            self.count(vol, files=1)
 
     # ------------------------------------------------------------------ archives
     def extract(self, vol: AnyVolume, archive: Path, target: Path) -> None:
@@ -464,7 +467,7 @@ def _guard(run: _Run, fn: Callable, *args):
         return []
     except Exception as exc:
         if isinstance(exc, OSError):
-            exc = VolumeError("download_failed", f"the miner could not write a volume ({exc})")
+            exc = VolumeError("miner_io_error", f"the miner could not write a volume ({exc})")
         with run.lock:
             run.errors.append(exc)
         run.abort.set()

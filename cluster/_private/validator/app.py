@@ -94,8 +94,7 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.post("/v1/heartbeat")
     def heartbeat(body: dict[str, Any]) -> dict[str, Any]:
-        core.heartbeat(_signed(body))
-        return {"ok": True}
+        return {"ok": True, "kill_tickets": core.heartbeat(_signed(body))}
 
     @app.post("/v1/capabilities")
     def capability(body: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +119,11 @@ def build_app(core: ValidatorCore) -> FastAPI:
         """``wait_s``: long-poll up to that many seconds (max 30) for a final status."""
         cap = core.check_capability(_bearer(authorization))
         return core.get_job(cap, job_id, wait_s=wait_s).model_dump(mode="json")
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        cap = core.check_capability(_bearer(authorization))
+        return core.cancel_job(cap, job_id).model_dump(mode="json")
 
     @app.post("/v1/tickets/fetch")
     def fetch_ticket(body: dict[str, Any]) -> dict[str, Any]:

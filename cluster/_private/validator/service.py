@@ -158,12 +158,38 @@ class ValidatorCore:
             self._dispatch(conn)
         self._notify()
 
-    def heartbeat(self, env: SignedEnvelope) -> None:
-        Heartbeat.model_validate(self._open(env, "heartbeat"))
+    def heartbeat(self, env: SignedEnvelope) -> list[str]:
+        """Record liveness; answer with the tickets the miner still runs that are no longer
+        current (cancelled by their user, or retired and given to another miner): kill those."""
+        beat = Heartbeat.model_validate(self._open(env, "heartbeat"))
         with self.engine.begin() as conn:
             self._admitted(conn, env.signer)
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer)
                          .values(last_heartbeat_ns=self.clock()))
+            if not beat.running_tickets:
+                return []
+            return list(conn.execute(sa.select(db.tickets.c.id).where(
+                db.tickets.c.id.in_(beat.running_tickets[:1000]), db.tickets.c.miner_hotkey == env.signer,
+                db.tickets.c.active.is_(False))).scalars())
+
+    def cancel_job(self, cap: Capability, job_id: str) -> JobView:
+        """Cancel a job of this user: it ends ``cancelled`` now; a running container is killed by
+        its agent at the next heartbeat (the answer names the ticket), and its result is refused."""
+        with self._alloc, self.engine.begin() as conn:
+            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id)).first()
+            if job is None or job.user_hotkey != cap.user:
+                raise Refused("not_found", f"no job {job_id} for user {cap.user}", status_code=404)
+            if JobStatus(job.status).terminal:
+                raise Refused("already_finished", f"job {job_id} is already {job.status}", status_code=409)
+            if job.current_ticket is not None:
+                conn.execute(db.tickets.update().where(db.tickets.c.id == job.current_ticket)
+                             .values(active=False, retired_reason="cancelled"))
+            conn.execute(db.jobs.update().where(db.jobs.c.id == job_id)
+                         .values(status=JobStatus.cancelled.value, current_ticket=None))
+            self._event(conn, job_id, job.attempt, JobStatus.cancelled, reporter=cap.user, detail="cancelled by user")
+            self._dispatch(conn)
+        self._notify()
+        return self._get_job(cap, job_id)
 
     # ------------------------------------------------------------------ capabilities
     def issue_capability(self, env: SignedEnvelope) -> str:

@@ -1,107 +1,157 @@
-"""validator-core's storage: SQLAlchemy Core over SQLite by default (any SQLAlchemy URL).
+"""validator-core's storage: SQLAlchemy Core over SQLite (default) or PostgreSQL, same code.
 
-Every write happens in one transaction, so a crash leaves either the old or the new state.
-Signed evidence (results, status reports) is stored verbatim as the envelope JSON.
+``open_engine(url)`` takes any SQLAlchemy URL: ``sqlite:///path/validator.db`` (the default,
+WAL mode) or ``postgresql+psycopg://user@host:port/db`` (psycopg 3, ``pool_pre_ping``). Every
+write happens in one transaction, so a crash leaves either the old or the new state. Signed
+evidence (results, status reports) is stored verbatim as the envelope JSON.
+
+Both backends behave the same for what the service relies on: ``JSON`` columns (PostgreSQL
+``json``) round-trip dicts and lists; ``*_ns`` times are ``BigInteger`` (64-bit on both);
+``Boolean`` is native on PostgreSQL and 0/1 on SQLite (compare with ``.is_(True)``);
+autoincrement ``Integer`` keys (``SERIAL`` on PostgreSQL) give insertion order. Text columns
+are :class:`String` / :class:`Text` below, which replace NUL characters with U+FFFD: PostgreSQL
+refuses NUL in text and SQLite stores it, so a peer's string with a NUL would be a server error
+on one backend only. (Envelope JSON escapes NUL as ``\\u0000``, so evidence is unaffected.)
+
+Migrations. The database records its schema version in ``schema_version`` (one row per applied
+step). :func:`migrate` (called by :func:`open_engine`) runs in ONE transaction, serialised
+between processes (``pg_advisory_xact_lock`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite):
+
+- a fresh database runs step 1, ``create_all`` of the tables below, which already are the
+  newest schema, and records every step as applied;
+- a database holding these tables but no ``schema_version`` predates migrations: it is at 1;
+- otherwise the steps after the recorded version run in order; a database newer than this code
+  is refused (``ConfigError``). Running it again changes nothing (idempotent).
+
+To change the schema later: (1) edit the ``Table`` below so it describes the NEW schema (that is
+what a fresh database gets), and (2) append ``Migration(n + 1, "what changed", fn)`` to
+:data:`MIGRATIONS`, where ``fn(conn)`` brings a database at version n to the new schema with
+portable DDL, e.g. ``conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT
+NULL DEFAULT 0"))`` or ``new_table.create(conn)``, plus any data backfill. Never edit or reorder
+a released step; test the step on both backends (``tests/cluster/test_store.py``).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import sqlalchemy as sa
+
+from cluster.errors import ConfigError
+
+
+class String(sa.types.TypeDecorator):
+    """``VARCHAR`` that stores NUL as U+FFFD (PostgreSQL text cannot hold NUL; see module doc)."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> Any:
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) and "\x00" in value else value
+
+
+class Text(String):
+    """``TEXT`` that stores NUL as U+FFFD."""
+
+    impl = sa.Text
+    cache_ok = True
+
 
 metadata = sa.MetaData()
 
 challenges = sa.Table(
     "challenges", metadata,
-    sa.Column("nonce", sa.String, primary_key=True),
-    sa.Column("miner_hotkey", sa.String, nullable=False),
+    sa.Column("nonce", String, primary_key=True),
+    sa.Column("miner_hotkey", String, nullable=False),
     sa.Column("expires_ns", sa.BigInteger, nullable=False),
     sa.Column("used", sa.Boolean, nullable=False, default=False),
 )
 miners = sa.Table(
     "miners", metadata,
-    sa.Column("hotkey", sa.String, primary_key=True),
+    sa.Column("hotkey", String, primary_key=True),
     sa.Column("admitted_ns", sa.BigInteger, nullable=False),
     sa.Column("executor_classes", sa.JSON, nullable=False),
-    sa.Column("proxy_url", sa.String, nullable=False, default=""),
+    sa.Column("proxy_url", String, nullable=False, default=""),
     sa.Column("versions", sa.JSON, nullable=False),
-    sa.Column("node_id", sa.String, nullable=True),
+    sa.Column("node_id", String, nullable=True),
     sa.Column("last_heartbeat_ns", sa.BigInteger, nullable=True),
     sa.Column("jobs_done", sa.Integer, nullable=False, default=0),
 )
 seen_nonces = sa.Table(
     "seen_nonces", metadata,
-    sa.Column("signer", sa.String, primary_key=True),
-    sa.Column("nonce", sa.String, primary_key=True),
+    sa.Column("signer", String, primary_key=True),
+    sa.Column("nonce", String, primary_key=True),
     sa.Column("t_ns", sa.BigInteger, nullable=False, index=True),
 )
 capabilities = sa.Table(
     "capabilities", metadata,
-    sa.Column("id", sa.String, primary_key=True),
-    sa.Column("user_hotkey", sa.String, nullable=False),
+    sa.Column("id", String, primary_key=True),
+    sa.Column("user_hotkey", String, nullable=False),
     sa.Column("max_jobs", sa.Integer, nullable=False),
     sa.Column("expires_ns", sa.BigInteger, nullable=False),
     sa.Column("jobs_used", sa.Integer, nullable=False, default=0),
 )
 jobs = sa.Table(
     "jobs", metadata,
-    sa.Column("id", sa.String, primary_key=True),
-    sa.Column("capability_id", sa.String, nullable=False),
-    sa.Column("user_hotkey", sa.String, nullable=False, index=True),
+    sa.Column("id", String, primary_key=True),
+    sa.Column("capability_id", String, nullable=False),
+    sa.Column("user_hotkey", String, nullable=False, index=True),
     sa.Column("spec", sa.JSON, nullable=False),
-    sa.Column("executor_class", sa.String, nullable=False),
-    sa.Column("status", sa.String, nullable=False),
+    sa.Column("executor_class", String, nullable=False),
+    sa.Column("status", String, nullable=False),
     sa.Column("created_ns", sa.BigInteger, nullable=False),
-    sa.Column("miner_hotkey", sa.String, nullable=True),
+    sa.Column("miner_hotkey", String, nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False, default=0),
     sa.Column("max_wait_s", sa.Integer, nullable=False, default=300),
-    sa.Column("current_ticket", sa.String, nullable=True),
+    sa.Column("current_ticket", String, nullable=True),
     sa.Column("failure", sa.JSON, nullable=True),
-    sa.Column("result_envelope", sa.Text, nullable=True),
+    sa.Column("result_envelope", Text, nullable=True),
 )
 tickets = sa.Table(
     "tickets", metadata,
-    sa.Column("id", sa.String, primary_key=True),
-    sa.Column("job_id", sa.String, nullable=False, index=True),
+    sa.Column("id", String, primary_key=True),
+    sa.Column("job_id", String, nullable=False, index=True),
     sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("miner_hotkey", sa.String, nullable=False, index=True),
-    sa.Column("executor_class", sa.String, nullable=False),
+    sa.Column("miner_hotkey", String, nullable=False, index=True),
+    sa.Column("executor_class", String, nullable=False),
     sa.Column("issued_ns", sa.BigInteger, nullable=False),
     sa.Column("expires_ns", sa.BigInteger, nullable=False),
     sa.Column("active", sa.Boolean, nullable=False, default=True),  # holds an executor
     sa.Column("fetched_ns", sa.BigInteger, nullable=True),
     sa.Column("deadline_ns", sa.BigInteger, nullable=True),  # execution limit + leeway, from the fetch
-    sa.Column("retired_reason", sa.String, nullable=True),  # why this attempt was given up
-    sa.Column("envelope", sa.Text, nullable=False),
+    sa.Column("retired_reason", String, nullable=True),  # why this attempt was given up
+    sa.Column("envelope", Text, nullable=False),
 )
 incidents = sa.Table(
     "incidents", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("miner_hotkey", sa.String, nullable=False, index=True),
+    sa.Column("miner_hotkey", String, nullable=False, index=True),
     sa.Column("t_ns", sa.BigInteger, nullable=False),
-    sa.Column("kind", sa.String, nullable=False),  # "fabric" (not charged) or "miner" (charged)
-    sa.Column("reason", sa.String, nullable=False),
-    sa.Column("job_id", sa.String, nullable=True),
+    sa.Column("kind", String, nullable=False),  # "fabric" (not charged) or "miner" (charged)
+    sa.Column("reason", String, nullable=False),
+    sa.Column("job_id", String, nullable=True),
     sa.Column("attempt", sa.Integer, nullable=True),
-    sa.Column("evidence", sa.Text, nullable=True),
+    sa.Column("evidence", Text, nullable=True),
 )
 job_events = sa.Table(
     "job_events", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.String, nullable=False, index=True),
+    sa.Column("job_id", String, nullable=False, index=True),
     sa.Column("attempt", sa.Integer, nullable=False),
-    sa.Column("status", sa.String, nullable=False),
+    sa.Column("status", String, nullable=False),
     sa.Column("t_ns", sa.BigInteger, nullable=False),
-    sa.Column("reporter", sa.String, nullable=False),
-    sa.Column("detail", sa.Text, nullable=False, default=""),
-    sa.Column("evidence", sa.Text, nullable=True),
+    sa.Column("reporter", String, nullable=False),
+    sa.Column("detail", Text, nullable=False, default=""),
+    sa.Column("evidence", Text, nullable=True),
 )
 
 
 def open_engine(url: str) -> sa.Engine:
-    if url.startswith("sqlite"):
+    """An engine for ``url`` with the schema migrated to the newest version."""
+    if sa.engine.make_url(url).get_backend_name() == "sqlite":
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @sa.event.listens_for(engine, "connect")
@@ -111,17 +161,98 @@ def open_engine(url: str) -> sa.Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
     else:
+        # pre_ping: a connection the server closed (restart, idle timeout) is replaced, not used
         engine = sa.create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
+    migrate(engine)
     return engine
 
 
+# ---------------------------------------------------------------------------- migrations
+schema_meta = sa.MetaData()  # kept apart so create_all of the application tables never touches it
+schema_version = sa.Table(
+    "schema_version", schema_meta,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("description", String, nullable=False),
+    sa.Column("applied_ns", sa.BigInteger, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
+
+
+def _initial_tables(conn: sa.Connection) -> None:
+    metadata.create_all(conn)  # checkfirst: creates only the missing tables and their indexes
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "initial tables", _initial_tables),
+    # Migration(2, "...", _add_something),  -- see the module docstring
+)
+LATEST = MIGRATIONS[-1].version
+_PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Bring the schema to :data:`LATEST` in one transaction; return the version it was at before."""
+    assert [m.version for m in MIGRATIONS] == list(range(1, LATEST + 1)), "migration versions must be 1..n"
+    backend = engine.dialect.name
+    with engine.begin() as conn:
+        if backend == "postgresql":
+            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PG_LOCK_KEY)))
+        elif backend == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")  # take the write lock now: one migrator at a time
+        schema_meta.create_all(conn)
+        before = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+        if before is None:
+            existing = set(sa.inspect(conn).get_table_names()) & set(metadata.tables)
+            if not existing:  # fresh: step 1 builds the newest schema, so every step counts as applied
+                MIGRATIONS[0].apply(conn)
+                for step in MIGRATIONS:
+                    _record(conn, step, "" if step.version == 1 else " (fresh database: built by step 1)")
+                return 0
+            before = 1  # tables from before migrations existed: they are step 1
+            _record(conn, MIGRATIONS[0], " (tables predate schema_version)")
+        if before > LATEST:
+            raise ConfigError(f"the database schema is at version {before} but this rayhorde knows versions up to "
+                              f"{LATEST}: run a newer rayhorde (downgrades are not supported)")
+        for step in MIGRATIONS[before:]:
+            step.apply(conn)
+            _record(conn, step)
+    return before
+
+
+def _record(conn: sa.Connection, step: Migration, note: str = "") -> None:
+    conn.execute(schema_version.insert().values(version=step.version, description=step.description + note,
+                                                applied_ns=time.time_ns()))
+
+
+def current_version(engine: sa.Engine) -> int | None:
+    """The schema version recorded in the database (None: no ``schema_version`` yet)."""
+    with engine.connect() as conn:
+        if not sa.inspect(conn).has_table("schema_version"):
+            return None
+        return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+
+
+# ---------------------------------------------------------------------------- helpers
 def dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
 class DbNonceGuard:
-    """Replay guard backed by ``seen_nonces``: a (signer, nonce) pair is accepted once."""
+    """Replay guard backed by ``seen_nonces``: a (signer, nonce) pair is accepted once.
+
+    The duplicate insert raises ``IntegrityError`` inside the transaction and is caught OUTSIDE
+    ``engine.begin()``, after the rollback: on PostgreSQL a failed statement aborts the whole
+    transaction, so nothing may run in it afterwards; on both backends the pruning delete is
+    rolled back with it (it runs again on the next accepted nonce). Two concurrent transactions
+    with the same pair: PostgreSQL makes the second wait on the unique key and then fail; SQLite
+    serialises writers. Either way exactly one is accepted.
+    """
 
     def __init__(self, engine: sa.Engine, *, keep_s: float) -> None:
         self.engine = engine

@@ -1,0 +1,60 @@
+"""The `rayhorde` CLI against the running local stack: job run / status / logs / list / cancel."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from cluster.cli import main
+from tests.conftest import HELLO, IMAGE
+
+pytestmark = pytest.mark.integration
+
+
+def cli(stack, *args: str):
+    result = CliRunner().invoke(main, [*args[:2], "--home", str(stack.home), *args[2:]], catch_exceptions=False)
+    return result
+
+
+def test_job_run_prints_the_hello_world_result(stack):
+    out = cli(stack, "job", "run", "--env", "NAME=CLI", "--", "sh", "-c", HELLO)
+    assert out.exit_code == 0, out.output
+    assert "status    completed" in out.output
+    assert "artifact  /artifacts/stuff = 'Hello, CLI!\\n'" in out.output
+    job_id = out.output.split("job ", 1)[1].split()[0]
+
+    status = cli(stack, "job", "status", job_id)
+    assert "status    completed" in status.output and "ticket for miner" in status.output
+    logs = cli(stack, "job", "logs", job_id)
+    assert logs.output.startswith("Hello, CLI!")
+    listing = cli(stack, "job", "list")
+    assert job_id in listing.output and "completed" in listing.output
+
+
+def test_job_run_exits_nonzero_for_a_failed_job(stack):
+    out = cli(stack, "job", "run", "--", "sh", "-c", "exit 4")
+    assert out.exit_code == 1
+    assert "failure   job_failure: nonzero_return_code at stage execution, exit 4" in out.output
+
+
+def test_cancel_kills_the_container_and_records_cancelled(stack, engine):
+    handle = stack.submit({"image": IMAGE, "command": ["sleep", "60"]})
+    deadline = time.time() + 30
+    while not engine.containers.list(filters={"label": f"rayhorde.job={handle.job_id}"}):
+        assert time.time() < deadline, "the job never started"
+        time.sleep(0.1)
+    out = cli(stack, "job", "cancel", handle.job_id)
+    assert out.output.strip() == f"job {handle.job_id}: cancelled"
+    t0 = time.time()
+    while engine.containers.list(all=True, filters={"label": f"rayhorde.job={handle.job_id}"}):
+        # the agent learns it at its next heartbeat (every 2 s): a liveness bound, not a benchmark
+        assert time.time() - t0 < 3 * 2 + 5, "the cancelled job's container is still there"
+        time.sleep(0.2)
+    view = handle.result(timeout_s=30)
+    assert view.status.value == "cancelled"
+    assert view.history[-1].detail == "cancelled by user"
+    again = CliRunner().invoke(main, ["job", "cancel", "--home", str(stack.home), handle.job_id])
+    assert again.exit_code == 2
+    assert again.stderr == f"error: already_finished: job {handle.job_id} is already cancelled\n"
