@@ -3,6 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ENGINE := scripts/container-engine.sh
+PG := scripts/postgres.sh
 
 .PHONY: setup demo test test-unit bench clean-venv
 
@@ -14,6 +15,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 	$(ENGINE) start
 	$(ENGINE) image
+	$(PG) start
 
 # The engine is stopped again when this target started it (nothing the demo starts survives).
 demo: $(VENV)/.installed
@@ -21,9 +23,11 @@ demo: $(VENV)/.installed
 	$(ENGINE) start && $(ENGINE) image && $(VENV)/bin/rayhorde demo; rc=$$?; \
 	if [ $$started = 1 ]; then $(ENGINE) stop; fi; exit $$rc
 
+# Storage tests run on SQLite and on PostgreSQL (Debian's package, a private server on 127.0.0.1:55432).
 test: $(VENV)/.installed
-	@started=0; $(ENGINE) running || started=1; \
-	$(ENGINE) start && $(ENGINE) image && $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@started=0; $(ENGINE) running || started=1; pg_started=0; $(PG) running || pg_started=1; \
+	$(ENGINE) start && $(ENGINE) image && $(PG) start && $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$pg_started = 1 ]; then $(PG) stop; fi; \
 	if [ $$started = 1 ]; then $(ENGINE) stop; fi; exit $$rc
 
 test-unit: $(VENV)/.installed

@@ -51,7 +51,25 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(engine, tmp_path_factory) -> Stack:
+def hub():
+    """A local server answering the Hugging Face Hub API (and plain files), for the whole session:
+    the stack's agents are started with HF_ENDPOINT pointing at it."""
+    import threading
+
+    from tests.cluster.test_volumes import Origin, _Handler, _Server
+
+    server = _Server(("127.0.0.1", 0), _Handler)
+    server.origin = Origin()
+    server.origin.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server.origin
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def stack(engine, hub, tmp_path_factory) -> Stack:
     import ray
 
     from cluster._private.identity import Hotkey
@@ -59,7 +77,7 @@ def stack(engine, tmp_path_factory) -> Stack:
     from cluster._private.user import request_capability
 
     home = tmp_path_factory.mktemp("stack")
-    local = LocalStack(home, miners=2, executors_per_miner=2)
+    local = LocalStack(home, miners=2, executors_per_miner=2, miner_env={"RAYHORDE_MINER_HF_ENDPOINT": hub.url})
     state = local.up()
     try:
         token = Path(state["token_path"]).read_text().strip()

@@ -55,7 +55,8 @@ class LocalStack:
     def __init__(self, home: str | Path, *, miners: int = 2, executors_per_miner: int = 2,
                  validator_config: str | Path = REPO_ROOT / "configs/validator.local.toml",
                  miner_config: str | Path = REPO_ROOT / "configs/miner.local.toml",
-                 validator_env: dict[str, str] | None = None, miner_uris: list[str] | None = None,
+                 validator_env: dict[str, str] | None = None, miner_env: dict[str, str] | None = None,
+                 miner_uris: list[str] | None = None,
                  port_base: int | None = None, validator_port: int | None = None) -> None:
         self.home = Path(home).resolve()
         self.miners = miners
@@ -63,6 +64,7 @@ class LocalStack:
         self.validator_config = Path(validator_config)
         self.miner_config = Path(miner_config)
         self.validator_env = validator_env or {}
+        self.miner_env = miner_env or {}
         self.miner_uris = miner_uris or DEV_MINER_URIS[:miners]
         self.port_base = port_base
         self.validator_port = validator_port
@@ -135,6 +137,7 @@ class LocalStack:
                     "executor_classes": json.dumps({"always_on.test": self.executors_per_miner}),
                     "node_port_base": base + ray_node.PORT_BLOCK * (i + 1),
                     "ray_temp_dir": short_tmp(self.home, name)}.items()}
+                menv.update(self.miner_env)
                 self._spawn(state, name, [sys.executable, "-m", "cluster._private.miner.main", "--config",
                                           str(self.miner_config)], menv)
                 state["miners"][name] = {"home": str(mhome)}

@@ -36,6 +36,12 @@ class ExecutorClass(BaseModel):
     artifacts_max_bytes: int = Field(gt=0)
     artifact_file_max_bytes: int = Field(gt=0)
     log_max_bytes: int = Field(gt=0)
+    output_max_mb: int = Field(gt=0, default=64)  # /output is a tmpfs of this size: a hard cap while writing
+    volume_max_download_bytes: int = Field(gt=0, default=256 * 2**20)
+    volume_max_unpacked_bytes: int = Field(gt=0, default=512 * 2**20)
+    volume_max_files: int = Field(gt=0, default=10_000)
+    max_download_s: int = Field(gt=0, default=600)
+    max_upload_s: int = Field(gt=0, default=600)
 
 
 def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
@@ -109,6 +115,10 @@ class MinerSettings(BaseModel):
     max_clock_skew_s: float = Field(gt=0, default=5)
     docker_host: str = "unix:///run/rayhorde-docker.sock"
     image_user: str = "65534:65534"
+    # Downloads and uploads to loopback / private addresses are refused unless this is set (a
+    # job must not aim the miner at its own agent, the Ray dashboard or a metadata service).
+    allow_private_networks: bool = False
+    hf_endpoint: str | None = None  # default: $HF_ENDPOINT, else https://huggingface.co
 
 
 M = TypeVar("M", bound=BaseModel)

@@ -71,7 +71,8 @@ def check_url(value: str, *, what: str = "url") -> str:
         raise ValueError(f"{what} contains whitespace or control characters; percent-encode them")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"{what} must start with http:// or https://, not {parts.scheme + '://' if parts.scheme else repr(value[:16])}")
+        got = parts.scheme + "://" if parts.scheme else repr(value[:16])
+        raise ValueError(f"{what} must start with http:// or https://, not {got}")
     if not parts.hostname:
         raise ValueError(f"{what} has no host")
     return value

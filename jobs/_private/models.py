@@ -12,7 +12,9 @@ import enum
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from jobs._private.io_models import Upload, UploadResponse, Volume, check_volume_layout
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
@@ -65,6 +67,19 @@ class JobSpec(BaseModel):
     max_wait_s: int = Field(default=300, ge=0, le=86400,
                             description="how long the job may wait for a free executor; 0 = reject at once")
     artifacts_dir: Literal["/artifacts"] = "/artifacts"
+    volumes: list[Volume] = Field(default_factory=list, max_length=32, description="mounted read-only at /volume/")
+    uploads: list[Upload] = Field(default_factory=list, max_length=64, description="files under /output/ to send")
+    download_timeout_s: int = Field(default=300, gt=0, le=86400)
+    upload_timeout_s: int = Field(default=300, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _volume_layout(self) -> "JobSpec":
+        check_volume_layout(self.volumes)
+        return self
+
+    def stage_limits_s(self) -> int:
+        """Every stage's limit together: what validator-core allows a fetched attempt (+ leeway)."""
+        return self.download_timeout_s + self.execution_timeout_s + self.upload_timeout_s
 
     @field_validator("command")
     @classmethod
@@ -100,6 +115,7 @@ class JobResult(BaseModel):
     stderr_truncated: bool = False
     artifacts: dict[str, str] = Field(default_factory=dict, description="path -> base64 bytes")
     artifacts_omitted: list[str] = Field(default_factory=list, description="over the size caps")
+    uploads: list[UploadResponse] = Field(default_factory=list)
     started_ns: int = 0
     finished_ns: int = 0
 

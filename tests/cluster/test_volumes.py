@@ -490,7 +490,8 @@ def test_not_a_zip_refused(origin, root):
 def test_failure_of_one_volume_removes_the_others(origin, root):
     origin.files["/good.bin"] = os.urandom(10_000)
     spec = vols({"type": "http_file", "path": "good.bin", "url": origin.url + "/good.bin"},
-                {"type": "inline_zip", "path": "bad", "contents_b64": base64.b64encode(make_zip({"../x": b""})).decode()})
+                {"type": "inline_zip", "path": "bad",
+                 "contents_b64": base64.b64encode(make_zip({"../x": b""})).decode()})
     refused(root, spec, "unsafe_archive", "escapes the volume")
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from cluster._private.envelope import SignedEnvelope, open_envelope, seal
 from cluster._private.http import ServiceClient
 from cluster._private.identity import Clock, Hotkey, system_clock
 from cluster._private.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime, ImageUnavailable
+from cluster._private.miner.uploads import UploadError, upload_outputs
+from cluster._private.miner.volumes import VolumeError, VolumeLimits, prepare_volumes
 from cluster._private.protocol import SpecGrant, StatusReport, Ticket, TicketFetch
 from cluster._private.settings import ExecutorClass
 from cluster.errors import EngineError, Refused, ServiceUnavailable, SignatureRejected, TicketRefused
@@ -52,6 +55,7 @@ class SeenTickets:
 class AgentCore:
     def __init__(self, *, hotkey: Hotkey, validator_hotkey: str, validator: ServiceClient, runtime: ContainerRuntime,
                  classes: dict[str, ExecutorClass], home: Path, max_skew_s: float, image_user: str = "65534:65534",
+                 allow_private_networks: bool = False, hf_endpoint: str | None = None,
                  clock: Clock = system_clock) -> None:
         missing = REQUIRED & ~runtime.features
         if missing:
@@ -64,6 +68,8 @@ class AgentCore:
         self.home = home
         self.max_skew_s = max_skew_s
         self.image_user = image_user
+        self.allow_private_networks = allow_private_networks
+        self.hf_endpoint = hf_endpoint
         self.clock = clock
         home.mkdir(parents=True, exist_ok=True)
         self.seen = SeenTickets(home / "seen_tickets.db")
@@ -157,19 +163,49 @@ class AgentCore:
             log.warning("status %s for %s not recorded: %s", status.value, ticket.ticket_id, exc)
 
     def _execute(self, ticket: Ticket, spec: JobSpec) -> JobResult:
+        """Walk the stages: volumes download -> execution -> upload, each with its own limit."""
         cls = self.classes[ticket.executor_class]
         base = dict(job_id=ticket.job_id, ticket_id=ticket.ticket_id, attempt=ticket.attempt,
                     miner_hotkey=self.hotkey.ss58)
+
+        def failed(kind: FailureKind, reason: str, stage: str, message: str) -> JobResult:
+            status = "failed" if kind == FailureKind.job_failure else "horde_failed"
+            return JobResult(**base, status=status, failure=Failure(kind=kind, reason=reason, stage=stage,
+                                                                    message=message))
+
         self._status(ticket, JobStatus.accepted)
         workdir = self.home / "jobs" / ticket.ticket_id
-        artifacts = workdir / "artifacts"
-        artifacts.mkdir(parents=True, exist_ok=True)
-        artifacts.chmod(0o777)  # the job runs as an unprivileged uid and must be able to write here
+        artifacts, output, volume = workdir / "artifacts", workdir / "output", workdir / "volume"
+        mounted: list[Path] = []
         try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            try:  # sized tmpfs: a job writing past the cap gets ENOSPC while it runs, not a check afterwards
+                for path, size_mb in ((output, cls.output_max_mb), (artifacts, -(-cls.artifacts_max_bytes // 2**20))):
+                    mount_tmpfs(path, size_mb)
+                    mounted.append(path)
+            except OSError as exc:
+                return failed(FailureKind.horde_failure, "executor_spinup_failed", "volumes", str(exc))
+
+            if spec.volumes:
+                limits = VolumeLimits(max_download_bytes=cls.volume_max_download_bytes,
+                                      max_unpacked_bytes=cls.volume_max_unpacked_bytes,
+                                      max_files=cls.volume_max_files,
+                                      allow_private_networks=self.allow_private_networks)
+                try:
+                    prepared = prepare_volumes(spec.volumes, volume, limits=limits, hf_endpoint=self.hf_endpoint,
+                                               deadline_s=min(spec.download_timeout_s, cls.max_download_s))
+                except VolumeError as exc:
+                    kind = FailureKind.horde_failure if exc.reason == "miner_io_error" else FailureKind.job_failure
+                    reason = "download_failed" if exc.reason == "timeout" else exc.reason
+                    return failed(kind, reason, "download", exc.message)
+                self._status(ticket, JobStatus.volumes_ready, detail=", ".join(
+                    f"{p.path}: {p.files} files, {p.unpacked_bytes} bytes" for p in prepared))
+
             run = ContainerRun(image=spec.image, command=spec.command, env=spec.env, user=self.image_user,
                                memory_mb=cls.memory_mb, cpus_milli=cls.cpus_milli, pids=cls.pids, tmp_mb=cls.tmp_mb,
-                               timeout_s=min(spec.execution_timeout_s, cls.max_execution_s),
+                               gpus=cls.gpus, timeout_s=min(spec.execution_timeout_s, cls.max_execution_s),
                                artifacts_host_dir=artifacts, artifacts_dir=spec.artifacts_dir,
+                               output_host_dir=output, volume_host_dir=volume if spec.volumes else None,
                                log_max_bytes=cls.log_max_bytes,
                                labels={AGENT_LABEL: self.hotkey.ss58, "rayhorde.ticket": ticket.ticket_id,
                                        "rayhorde.job": ticket.job_id})
@@ -177,20 +213,44 @@ class AgentCore:
             try:
                 out = self.runtime.run(run)
             except ImageUnavailable as exc:
-                return JobResult(**base, status="failed", failure=Failure(
-                    kind=FailureKind.job_failure, reason="image_pull_failed", stage="image_pull", message=str(exc)))
+                return failed(FailureKind.job_failure, getattr(exc, "reason", "image_pull_failed"), "image_pull",
+                              str(exc))
             except EngineError as exc:
-                return JobResult(**base, status="horde_failed", failure=Failure(
-                    kind=FailureKind.horde_failure, reason="executor_failed", stage="execution", message=str(exc)))
+                return failed(FailureKind.horde_failure, "executor_failed", "execution", str(exc))
             self._status(ticket, JobStatus.execution_done)
             files, omitted = collect_artifacts(artifacts, spec.artifacts_dir, per_file_max=cls.artifact_file_max_bytes,
                                                total_max=cls.artifacts_max_bytes)
-            return JobResult(**base, **_verdict(out, cls, ticket.executor_class), stdout=out.stdout, stderr=out.stderr,
-                             stdout_truncated=out.stdout_truncated, stderr_truncated=out.stderr_truncated,
-                             artifacts=files, artifacts_omitted=omitted, started_ns=out.started_ns,
-                             finished_ns=out.finished_ns)
+            result = JobResult(**base, **_verdict(out, cls, ticket.executor_class), stdout=out.stdout,
+                               stderr=out.stderr, stdout_truncated=out.stdout_truncated,
+                               stderr_truncated=out.stderr_truncated, artifacts=files, artifacts_omitted=omitted,
+                               started_ns=out.started_ns, finished_ns=out.finished_ns)
+            if spec.uploads and result.status == "completed":
+                try:
+                    responses = upload_outputs(spec.uploads, output,
+                                               deadline_s=min(spec.upload_timeout_s, cls.max_upload_s),
+                                               still_current=lambda: self._still_current(ticket),
+                                               scratch_dir=workdir, allow_private_networks=self.allow_private_networks)
+                except UploadError as exc:
+                    if exc.reason == "superseded":
+                        raise TicketRefused("ticket_closed", f"ticket {ticket.ticket_id} was superseded before its "
+                                            "upload; nothing was uploaded") from exc
+                    kind = FailureKind.horde_failure if exc.reason == "miner_io_error" else FailureKind.job_failure
+                    reason = "upload_failed" if exc.reason in ("upload_failed", "timeout") else exc.reason
+                    return result.model_copy(update={"status": "failed" if kind == FailureKind.job_failure
+                                                     else "horde_failed",
+                                                     "failure": Failure(kind=kind, reason=reason, stage="upload",
+                                                                        message=exc.message)})
+                result = result.model_copy(update={"uploads": responses})
+            return result
         finally:
+            for path in mounted:
+                unmount(path)
             shutil.rmtree(workdir, ignore_errors=True)
+
+    def _still_current(self, ticket: Ticket) -> bool:
+        answer = self.validator.post_signed("/v1/tickets/current", seal(
+            self.hotkey, "ticket_current", TicketFetch(ticket_id=ticket.ticket_id), clock=self.clock))
+        return bool(answer.get("current"))
 
     def kill_tickets(self, ticket_ids: list[str]) -> int:
         """Kill the containers of tickets validator-core says are no longer ours to run."""
@@ -216,6 +276,20 @@ def _verdict(out: ContainerOutcome, cls: ExecutorClass, class_name: str) -> dict
             kind=FailureKind.job_failure, reason="nonzero_return_code", stage="execution", exit_code=out.exit_code,
             message=f"the job's command exited with {out.exit_code}")}
     return {"status": "completed", "exit_code": 0}
+
+
+def mount_tmpfs(path: Path, size_mb: int) -> None:
+    """A tmpfs of ``size_mb`` at ``path``, writable by the job's unprivileged uid (needs root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0777,nosuid,nodev",
+                           "rayhorde-job", str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError(f"cannot mount a {size_mb} MB tmpfs at {path} (the agent needs root for size caps): "
+                      f"{done.stderr.strip()}")
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def collect_artifacts(root: Path, mount: str, *, per_file_max: int, total_max: int) -> tuple[dict[str, str], list[str]]:

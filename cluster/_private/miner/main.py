@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     validator = ServiceClient(settings.validator_url, timeout_s=60)
     core = AgentCore(hotkey=hotkey, validator_hotkey=settings.validator_hotkey, validator=validator, runtime=runtime,
                      classes=load_executor_classes(settings.executor_classes_path), home=home,
-                     max_skew_s=settings.max_clock_skew_s)
+                     max_skew_s=settings.max_clock_skew_s, image_user=settings.image_user,
+                     allow_private_networks=settings.allow_private_networks, hf_endpoint=settings.hf_endpoint)
     left = core.kill_all()
     if left:
         log.warning("removed %d containers left by a previous run", left)

@@ -41,6 +41,8 @@ class ContainerRun(BaseModel):
     timeout_s: float
     artifacts_host_dir: Path
     artifacts_dir: str = "/artifacts"
+    output_host_dir: Path | None = None  # mounted read-write at /output
+    volume_host_dir: Path | None = None  # mounted read-only at /volume
     log_max_bytes: int
     labels: dict[str, str] = Field(default_factory=dict)
 

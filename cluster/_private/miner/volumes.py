@@ -387,7 +387,8 @@ def _hf_files(run: _Run, vol: HuggingFaceVolume, endpoint: str) -> list[tuple[st
         raise
     siblings = info.get("siblings") if isinstance(info, dict) else None
     if not isinstance(siblings, list):
-        raise VolumeError("download_failed", f"volume {vol.path!r}: the Hub listing of {vol.repo_id!r} has no file list")
+        raise VolumeError("download_failed", f"volume {vol.path!r}: the Hub listing of {vol.repo_id!r} has no "
+                          "file list; check hf_endpoint")
     names = [s.get("rfilename") for s in siblings if isinstance(s, dict) and isinstance(s.get("rfilename"), str)]
     if vol.allow_patterns is not None:
         pats = [p + "*" if p.endswith("/") else p for p in vol.allow_patterns]

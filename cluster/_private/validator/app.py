@@ -125,6 +125,10 @@ def build_app(core: ValidatorCore) -> FastAPI:
         cap = core.check_capability(_bearer(authorization))
         return core.cancel_job(cap, job_id).model_dump(mode="json")
 
+    @app.post("/v1/tickets/current")
+    def ticket_current(body: dict[str, Any]) -> dict[str, Any]:
+        return {"current": core.ticket_current(_signed(body))}
+
     @app.post("/v1/tickets/fetch")
     def fetch_ticket(body: dict[str, Any]) -> dict[str, Any]:
         return core.fetch_ticket(_signed(body))

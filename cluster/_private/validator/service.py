@@ -102,7 +102,10 @@ class ValidatorCore:
             if now > ch.expires_ns:
                 raise AdmissionRefused("bad_challenge", f"challenge expired {(now - ch.expires_ns) / NS:.1f} s ago; "
                                        "ask for a new one", status_code=403)
-            conn.execute(db.challenges.update().where(db.challenges.c.nonce == req.challenge).values(used=True))
+            taken = conn.execute(db.challenges.update().where(db.challenges.c.nonce == req.challenge,
+                                                              db.challenges.c.used.is_(False)).values(used=True))
+            if taken.rowcount != 1:  # a concurrent join won the race for this challenge
+                raise AdmissionRefused("bad_challenge", "challenge already used; ask for a new one", status_code=403)
         self._check_eligible(miner)
         ours = local_versions()
         for name in ("rayhorde", "ray", "python"):
@@ -236,8 +239,8 @@ class ValidatorCore:
             raise InvalidSpec(f"execution_timeout_s {spec.execution_timeout_s} exceeds the {spec.executor_class} "
                               f"limit of {cls.max_execution_s} s")
         job_id = uuid.uuid4().hex
-        now = self.clock()
         with self._alloc, self.engine.begin() as conn:
+            now = self.clock()  # inside the lock: queue order is arrival order
             row = conn.execute(sa.select(db.capabilities).where(db.capabilities.c.id == cap.capability_id)).first()
             if row is None:
                 raise CapabilityRefused("invalid_capability", "capability unknown to this validator", status_code=401)
@@ -249,7 +252,7 @@ class ValidatorCore:
             conn.execute(db.jobs.insert().values(id=job_id, capability_id=cap.capability_id, user_hotkey=cap.user,
                                                  spec=spec.model_dump(mode="json"), executor_class=spec.executor_class,
                                                  status=JobStatus.received.value, created_ns=now, attempt=0,
-                                                 max_wait_s=spec.max_wait_s))
+                                                 max_wait_s=spec.max_wait_s, queued_ns=now))
             self._event(conn, job_id, 0, JobStatus.received)
             self._dispatch(conn, only_job=job_id)
             job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id)).one()
@@ -338,7 +341,7 @@ class ValidatorCore:
             self._event(conn, job.id, t.attempt, JobStatus.horde_failed, detail=detail)
         else:
             conn.execute(db.jobs.update().where(db.jobs.c.id == job.id).values(
-                status=JobStatus.received.value, current_ticket=None))
+                status=JobStatus.received.value, current_ticket=None, queued_ns=self.clock()))
             self._event(conn, job.id, t.attempt, JobStatus.received, detail=f"{detail}; re-queued")
 
     def sweep(self) -> None:
@@ -356,7 +359,7 @@ class ValidatorCore:
                     self._retire(conn, t, reason="deadline_passed", charged=True)
             for job in conn.execute(sa.select(db.jobs).where(db.jobs.c.status == JobStatus.received.value,
                                                              db.jobs.c.current_ticket.is_(None))).all():
-                if now - job.created_ns > job.max_wait_s * NS:
+                if now - (job.queued_ns or job.created_ns) > job.max_wait_s * NS:
                     self._reject(conn, job, f"waited {job.max_wait_s} s; {self._queue_reason(conn, job)}")
             self._dispatch(conn)
         self._notify()
@@ -422,13 +425,24 @@ class ValidatorCore:
                 raise TicketRefused("ticket_closed", f"ticket {t.id} is no longer current for job {t.job_id}",
                                     status_code=409)
             if t.fetched_ns is None:
-                limit_s = JobSpec.model_validate(job.spec).execution_timeout_s + self.settings.deadline_leeway_s
+                limit_s = JobSpec.model_validate(job.spec).stage_limits_s() + self.settings.deadline_leeway_s
                 now = self.clock()
                 conn.execute(db.tickets.update().where(db.tickets.c.id == t.id).values(
                     fetched_ns=now, deadline_ns=now + int(limit_s * NS)))
         grant = SpecGrant(ticket_id=t.id, job_id=t.job_id, spec=JobSpec.model_validate(job.spec))
         return {"ticket": SignedEnvelope.model_validate_json(t.envelope).model_dump(mode="json"),
                 "spec": seal(self.hotkey, "job_spec", grant, clock=self.clock).model_dump(mode="json")}
+
+    def ticket_current(self, env: SignedEnvelope) -> bool:
+        """"Still current?": an agent asks before uploading, so a superseded attempt uploads nothing."""
+        msg = TicketFetch.model_validate(self._open(env, "ticket_current"))
+        with self.engine.connect() as conn:
+            t = conn.execute(sa.select(db.tickets).where(db.tickets.c.id == msg.ticket_id)).first()
+            if t is None or t.miner_hotkey != env.signer:
+                raise TicketRefused("wrong_miner", f"ticket {msg.ticket_id} is not addressed to {env.signer}",
+                                    status_code=403)
+            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == t.job_id)).one()
+            return bool(t.active and job.current_ticket == t.id)
 
     def _current_ticket(self, conn: sa.Connection, job_id: str, ticket_id: str, attempt: int, miner: str) -> sa.Row:
         t = conn.execute(sa.select(db.tickets).where(db.tickets.c.id == ticket_id)).first()

@@ -34,6 +34,7 @@ a released step; test the step on both backends (``tests/cluster/test_store.py``
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -106,6 +107,7 @@ jobs = sa.Table(
     sa.Column("miner_hotkey", String, nullable=True),
     sa.Column("attempt", sa.Integer, nullable=False, default=0),
     sa.Column("max_wait_s", sa.Integer, nullable=False, default=300),
+    sa.Column("queued_ns", sa.BigInteger, nullable=True),  # when it (re-)entered the queue
     sa.Column("current_ticket", String, nullable=True),
     sa.Column("failure", sa.JSON, nullable=True),
     sa.Column("result_envelope", Text, nullable=True),
@@ -157,9 +159,21 @@ def open_engine(url: str) -> sa.Engine:
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
+            try:
+                deadline = time.monotonic() + 30
+                while True:
+                    try:
+                        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                        break
+                    except sqlite3.OperationalError as exc:
+                        # The first connections to a new file race to switch it to WAL (stored in the
+                        # file): SQLite answers one of them "locked" at once, without its busy timeout.
+                        if "locked" not in str(exc) or time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.02)
+                cur.execute("PRAGMA synchronous=NORMAL")
+            finally:
+                cur.close()
     else:
         # pre_ping: a connection the server closed (restart, idle timeout) is replaced, not used
         engine = sa.create_engine(url, pool_pre_ping=True)
@@ -190,7 +204,8 @@ def _initial_tables(conn: sa.Connection) -> None:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial tables", _initial_tables),
-    # Migration(2, "...", _add_something),  -- see the module docstring
+    # Migration(2, "...", _add_something),  -- see the module docstring (no schema has been
+    # released yet, so columns added before the first release live in step 1)
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations
