@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start / stop local container registries (Debian's docker-registry, distribution 2.8) for tests.
 #
+#   scripts/registry.sh install                  # apt: docker-registry, apache2-utils (htpasswd), curl
 #   scripts/registry.sh start [plain|auth|all]   # install docker-registry if missing, start it (idempotent)
 #   scripts/registry.sh stop [plain|auth|all]    # stop the registry WE started (by its PID file)
 #   scripts/registry.sh running [plain|auth]     # exit 0 when that registry answers
@@ -88,6 +89,7 @@ storage:
       enabled: false
 http:
   addr: 127.0.0.1:$port
+  draintimeout: 500ms
   secret: $(cat "$dir/secret")
   headers:
     X-Content-Type-Options: [nosniff]
@@ -133,7 +135,14 @@ each() {
   if [ "$which" = all ]; then "$fn" plain; "$fn" auth; else "$fn" "$which"; fi
 }
 
+install_all() {
+  [ -x /usr/bin/docker-registry ] || apt_install docker-registry
+  command -v htpasswd >/dev/null || apt_install apache2-utils
+  command -v curl >/dev/null || apt_install curl
+}
+
 case "${1:-}" in
+  install) install_all ;;
   start) each start_one "${2:-plain}" ;;
   stop) each stop_one "${2:-plain}" ;;
   running) answers "${2:-plain}" ;;
@@ -142,5 +151,5 @@ case "${1:-}" in
     d="$STATE/${2:-auth}/auth"
     [ -s "$d/password" ] || { echo "no credentials: start the auth registry first" >&2; exit 1; }
     printf '{"username": "%s", "password": "%s"}\n' "$(cat "$d/username")" "$(cat "$d/password")" ;;
-  *) echo "usage: $0 start|stop|running|url|credentials [plain|auth|all]" >&2; exit 2 ;;
+  *) echo "usage: $0 install|start|stop|running|url|credentials [plain|auth|all]" >&2; exit 2 ;;
 esac

@@ -77,7 +77,8 @@ def stack(engine, hub, tmp_path_factory) -> Stack:
     from cluster._private.user import request_capability
 
     home = tmp_path_factory.mktemp("stack")
-    local = LocalStack(home, miners=2, executors_per_miner=2, miner_env={"RAYHORDE_MINER_HF_ENDPOINT": hub.url})
+    local = LocalStack(home, miners=2, executors_per_miner=2, miner_env={"RAYHORDE_MINER_HF_ENDPOINT": hub.url},
+                       validator_env={"RAYHORDE_VALIDATOR_IMAGE_DENY": json.dumps(["*/denied/*", "denied/*"])})
     state = local.up()
     try:
         token = Path(state["token_path"]).read_text().strip()

@@ -24,6 +24,14 @@ _BY_REASON: dict[str, type[Refused]] = {
 }
 
 
+def _image_denied() -> None:  # late import: images.py imports cluster.errors only, but keep http light
+    from cluster._private.miner.images import ImageDenied
+    _BY_REASON["image_denied"] = ImageDenied
+
+
+_image_denied()
+
+
 def raise_for_error(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return

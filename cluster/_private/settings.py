@@ -42,6 +42,7 @@ class ExecutorClass(BaseModel):
     volume_max_files: int = Field(gt=0, default=10_000)
     max_download_s: int = Field(gt=0, default=600)
     max_upload_s: int = Field(gt=0, default=600)
+    max_image_pull_s: int = Field(gt=0, default=600)
 
 
 def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
@@ -69,6 +70,8 @@ class ValidatorSettings(BaseModel):
     executor_classes_path: Path = Path("configs/executor_classes.toml")
     users: list[str] = []
     banned_hotkeys: list[str] = []
+    image_allow: list[str] = []  # glob patterns; empty = every image not denied
+    image_deny: list[str] = []
     max_clock_skew_s: float = Field(gt=0, default=5)
     ticket_ttl_s: float = Field(gt=0, default=60)
     challenge_ttl_s: float = Field(gt=0, default=30)

@@ -54,6 +54,14 @@ class Failure(BaseModel):
     reporter: str | None = None  # hotkey of whoever reported it
 
 
+class RegistryAuth(BaseModel):
+    """Credentials for a private registry (prefer a read-only token: it travels in the signed spec)."""
+
+    model_config = ConfigDict(extra="forbid")
+    username: str = Field(min_length=1, max_length=256)
+    password: str = Field(min_length=1, max_length=8192, repr=False)
+
+
 class JobSpec(BaseModel):
     """A user's organic job: an image, a command, environment and limits."""
 
@@ -71,6 +79,8 @@ class JobSpec(BaseModel):
     uploads: list[Upload] = Field(default_factory=list, max_length=64, description="files under /output/ to send")
     download_timeout_s: int = Field(default=300, gt=0, le=86400)
     upload_timeout_s: int = Field(default=300, gt=0, le=86400)
+    image_pull_timeout_s: int = Field(default=300, gt=0, le=86400)
+    registry_auth: RegistryAuth | None = None
 
     @model_validator(mode="after")
     def _volume_layout(self) -> "JobSpec":
@@ -79,7 +89,7 @@ class JobSpec(BaseModel):
 
     def stage_limits_s(self) -> int:
         """Every stage's limit together: what validator-core allows a fetched attempt (+ leeway)."""
-        return self.download_timeout_s + self.execution_timeout_s + self.upload_timeout_s
+        return self.image_pull_timeout_s + self.download_timeout_s + self.execution_timeout_s + self.upload_timeout_s
 
     @field_validator("command")
     @classmethod

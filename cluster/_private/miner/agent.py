@@ -23,6 +23,7 @@ from cluster._private.envelope import SignedEnvelope, open_envelope, seal
 from cluster._private.http import ServiceClient
 from cluster._private.identity import Clock, Hotkey, system_clock
 from cluster._private.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime, ImageUnavailable
+from cluster._private.miner.images import GpuUnsupported, ImagePullFailed
 from cluster._private.miner.uploads import UploadError, upload_outputs
 from cluster._private.miner.volumes import VolumeError, VolumeLimits, prepare_volumes
 from cluster._private.protocol import SpecGrant, StatusReport, Ticket, TicketFetch
@@ -186,6 +187,14 @@ class AgentCore:
             except OSError as exc:
                 return failed(FailureKind.horde_failure, "executor_spinup_failed", "volumes", str(exc))
 
+            try:
+                self.runtime.pull(spec.image, timeout_s=min(spec.image_pull_timeout_s, cls.max_image_pull_s),
+                                  auth=spec.registry_auth.model_dump() if spec.registry_auth else None)
+            except ImagePullFailed as exc:
+                return failed(FailureKind.job_failure, exc.reason, "image_pull", exc.message)
+            except EngineError as exc:
+                return failed(FailureKind.horde_failure, "executor_failed", "image_pull", str(exc))
+
             if spec.volumes:
                 limits = VolumeLimits(max_download_bytes=cls.volume_max_download_bytes,
                                       max_unpacked_bytes=cls.volume_max_unpacked_bytes,
@@ -215,6 +224,8 @@ class AgentCore:
             except ImageUnavailable as exc:
                 return failed(FailureKind.job_failure, getattr(exc, "reason", "image_pull_failed"), "image_pull",
                               str(exc))
+            except GpuUnsupported as exc:
+                return failed(FailureKind.horde_failure, exc.reason, "execution", exc.message)
             except EngineError as exc:
                 return failed(FailureKind.horde_failure, "executor_failed", "execution", str(exc))
             self._status(ticket, JobStatus.execution_done)

@@ -25,6 +25,7 @@ from cluster._private.identity import Hotkey, load_or_create_wallet
 from cluster._private.miner.agent import AgentCore
 from cluster._private.miner.docker_runtime import DockerRuntime
 from cluster._private.miner.executor_api import ExecutorServer
+from cluster._private.miner.runtime import RuntimeFeature
 from cluster._private.protocol import (
     Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted,
 )
@@ -83,9 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
     runtime = DockerRuntime(settings.docker_host)
     runtime.ping()
+    classes = load_executor_classes(settings.executor_classes_path)
+    gpu_classes = [c for c in settings.executor_classes if c in classes and classes[c].gpus > 0]
+    if gpu_classes and RuntimeFeature.GPU not in runtime.features:
+        log.error("refusing to offer %s: %s", gpu_classes, runtime.gpu_refusal)
+        return 2
     validator = ServiceClient(settings.validator_url, timeout_s=60)
     core = AgentCore(hotkey=hotkey, validator_hotkey=settings.validator_hotkey, validator=validator, runtime=runtime,
-                     classes=load_executor_classes(settings.executor_classes_path), home=home,
+                     classes=classes, home=home,
                      max_skew_s=settings.max_clock_skew_s, image_user=settings.image_user,
                      allow_private_networks=settings.allow_private_networks, hf_endpoint=settings.hf_endpoint)
     left = core.kill_all()

@@ -71,6 +71,10 @@ class ContainerRuntime(abc.ABC):
         """Run to completion or to ``timeout_s`` (then kill); always remove the container."""
 
     @abc.abstractmethod
+    def pull(self, image: str, *, timeout_s: float, auth: dict[str, str] | None = None) -> str:
+        """Make ``image`` present (pull it if absent; a digest is checked); return its local id."""
+
+    @abc.abstractmethod
     def kill_labelled(self, label: str, value: str) -> int:
         """Kill and remove every container carrying ``label=value``; return how many."""
 

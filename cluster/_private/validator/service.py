@@ -34,7 +34,10 @@ from cluster._private.protocol import (
 from cluster._private.settings import ValidatorSettings, load_executor_classes
 from cluster._private.validator import store as db
 from cluster._private.version import local_versions
-from cluster.errors import AdmissionRefused, CapabilityRefused, InvalidSpec, Refused, SignatureRejected, TicketRefused
+from cluster._private.miner.images import ImagePolicy
+from cluster.errors import (
+    AdmissionRefused, CapabilityRefused, ConfigError, InvalidSpec, Refused, SignatureRejected, TicketRefused,
+)
 from jobs._private.models import Failure, FailureKind, JobResult, JobSpec, JobState, JobStatus, JobView, StatusEvent
 
 NS = 1_000_000_000
@@ -49,6 +52,10 @@ class ValidatorCore:
         self.ray_token = ray_token
         self.clock = clock
         self.classes = load_executor_classes(settings.executor_classes_path)
+        try:
+            self.image_policy = ImagePolicy(settings.image_allow, settings.image_deny)
+        except ValueError as exc:
+            raise ConfigError(f"image_allow / image_deny: {exc}") from exc
         self.engine = db.open_engine(settings.resolved_db_url())
         # a nonce older than the skew window is refused as stale anyway; keep a margin
         self.guard = db.DbNonceGuard(self.engine, keep_s=4 * settings.max_clock_skew_s + 60)
@@ -232,6 +239,7 @@ class ValidatorCore:
 
     # ------------------------------------------------------------------ jobs
     def register_job(self, cap: Capability, spec: JobSpec) -> Submitted:
+        self.image_policy.check(spec.image)  # before the capability's budget is spent
         cls = self.classes.get(spec.executor_class)
         if cls is None:
             raise InvalidSpec(f"unknown executor class {spec.executor_class!r}; known: {sorted(self.classes)}")
