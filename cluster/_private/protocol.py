@@ -99,6 +99,7 @@ KINDS = {
     "capability": Capability,
     "ticket": Ticket,
     "ticket_fetch": TicketFetch,
+    "ticket_current": TicketFetch,
     "job_spec": SpecGrant,
     "job_status": StatusReport,
     "job_result": JobResult,

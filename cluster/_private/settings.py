@@ -80,6 +80,7 @@ class ValidatorSettings(BaseModel):
     heartbeat_timeout_s: float = Field(gt=0, default=10)
     deadline_leeway_s: float = Field(ge=0, default=30)
     max_attempts: int = Field(ge=1, default=3)
+    incident_penalty_s: float = Field(ge=0, default=600)  # a charged incident lowers a miner's priority this long
     sweep_interval_s: float = Field(gt=0, default=1)
     ray_port_base: int = 6380
     ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>

@@ -256,3 +256,25 @@ def test_a_restarted_validator_core_reads_everything_back(h):
     after = core.get_job(cap, queued.job_id)
     assert after.ticket is not None and after.ticket.miner_hotkey == BOB.ss58
     assert core.cluster_status()["miners"][0]["jobs_done"] == 2
+
+
+def test_charged_incidents_lower_a_miners_priority_for_a_while(h):
+    h.admit(BOB, executors=2)
+    h.admit(CHARLIE, executors=1)
+    cap = h.capability()
+    # Bob has the most free executors, so he gets work first ...
+    first = h.submit(cap)
+    assert first.ticket.miner_hotkey == BOB.ss58
+    # ... until he restarts mid-job (a charged incident): Charlie is preferred though Bob is free again
+    h.admit(BOB, executors=2)
+    assert ("%s" % BOB.ss58, "miner", "agent_restarted", 1) in h.incidents()
+    requeued = h.core.get_job(cap, first.job_id)
+    assert requeued.ticket.miner_hotkey == CHARLIE.ss58  # and not back to the miner that lost it
+    h.result(CHARLIE, first.job_id, requeued.ticket)
+    nxt = h.submit(cap)
+    assert nxt.ticket.miner_hotkey == CHARLIE.ss58, "a miner with a recent charged incident should wait its turn"
+    h.clock.advance(h.settings.incident_penalty_s + 1)
+    for m in (BOB, CHARLIE):  # stay live through the jump
+        h.core.heartbeat(h.seal(m, "heartbeat", Heartbeat()))
+    h.result(CHARLIE, nxt.job_id, h.core.get_job(cap, nxt.job_id).ticket)
+    assert h.submit(cap).ticket.miner_hotkey == BOB.ss58  # the penalty has expired

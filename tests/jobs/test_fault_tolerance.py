@@ -65,6 +65,11 @@ def test_job_survives_its_miners_ray_node_being_killed(stack, engine):
         ServiceClient(stack.validator_url).post_signed(f"/v1/jobs/{handle.job_id}/result",
                                                        seal(Hotkey.from_uri(URIS[name]), "job_result", late))
     assert err.value.reason == "ticket_closed"
+    # and its late upload: the agent asks "still current?" before uploading, and hears no
+    from cluster._private.protocol import TicketFetch
+    answer = ServiceClient(stack.validator_url).post_signed("/v1/tickets/current", seal(
+        Hotkey.from_uri(URIS[name]), "ticket_current", TicketFetch(ticket_id=first_ticket)))
+    assert answer == {"current": False}
     # the incident is recorded as a fabric incident (the agent kept heartbeating), not charged
     incidents = httpx.get(f"{stack.validator_url}/v1/status").json()["incidents"]
     assert {"miner_hotkey": first_miner, "kind": "fabric", "reason": "ray_node_lost", "job_id": handle.job_id,
@@ -111,6 +116,7 @@ def test_agent_restart_cleans_up_and_its_job_moves_on(stack, engine):
     assert any(f"attempt 1 on miner {first_miner} lost: agent_restarted (charged to the miner)" in e.detail
                for e in view.history)
     assert engine.containers.list(all=True, filters={"id": first.id}) == []  # the restarted agent removed it
+    assert list((stack.home / name / "jobs").glob("*")) == []  # and the job dir (with its tmpfs mounts)
     incidents = httpx.get(f"{stack.validator_url}/v1/status").json()["incidents"]
     assert any(i["job_id"] == handle.job_id and i["kind"] == "miner" and i["reason"] == "agent_restarted"
                for i in incidents)

@@ -23,7 +23,7 @@ def test_hundred_jobs_at_once_respect_executor_counts(stack, engine):
     until = time.time() + 1
     assert [v.status.value for v in views] == ["completed"] * 100
     assert [v.result.stdout for v in views] == [f"{i}\n" for i in range(100)]
-    assert {v.miner_hotkey for v in views} == set(stack.miners.values())
+    assert {v.miner_hotkey for v in views} == set(stack.miners.values())  # the queue overflows to both
 
     # replay the engine's event stream: containers started and died per agent label
     events = engine.events(since=int(since) - 1, until=until, filters={"type": "container"}, decode=True)

@@ -271,6 +271,17 @@ class AgentCore:
         """Kill every container this agent started (shutdown, or its Ray node died)."""
         return self.runtime.kill_labelled(AGENT_LABEL, self.hotkey.ss58)
 
+    def clean_leftovers(self) -> list[str]:
+        """Remove the job dirs (and their tmpfs mounts) a killed predecessor left behind."""
+        left = []
+        for workdir in sorted((self.home / "jobs").glob("*")):
+            for sub in ("output", "artifacts"):
+                if (workdir / sub).is_mount():
+                    unmount(workdir / sub)
+            shutil.rmtree(workdir, ignore_errors=True)
+            left.append(workdir.name)
+        return left
+
 
 def _verdict(out: ContainerOutcome, cls: ExecutorClass, class_name: str) -> dict[str, Any]:
     if out.timed_out:

@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                      max_skew_s=settings.max_clock_skew_s, image_user=settings.image_user,
                      allow_private_networks=settings.allow_private_networks, hf_endpoint=settings.hf_endpoint)
     left = core.kill_all()
-    if left:
-        log.warning("removed %d containers left by a previous run", left)
+    dirs = core.clean_leftovers()
+    if left or dirs:  # their tickets are retired when we re-join (validator-core: agent_restarted)
+        log.warning("removed %d containers and the job dirs of tickets %s left by a previous run", left, dirs)
     _stop_orphaned_node(home / "node.json")
 
     stop = threading.Event()

@@ -384,9 +384,11 @@ class ValidatorCore:
         return thread
 
     def _pick_miner(self, conn: sa.Connection, executor_class: str, *, exclude: set[str]) -> tuple[str | None, str]:
-        live_after = self.clock() - int(self.settings.heartbeat_timeout_s * NS)
+        now = self.clock()
+        live_after = now - int(self.settings.heartbeat_timeout_s * NS)
+        penalty_after = now - int(self.settings.incident_penalty_s * NS)
         offered = total_free = 0
-        candidates: list[tuple[int, int, str]] = []
+        candidates: list[tuple[int, int, int, str]] = []
         for m in conn.execute(sa.select(db.miners).where(db.miners.c.node_id.is_not(None))):
             n = int(m.executor_classes.get(executor_class, 0))
             if n == 0 or (m.last_heartbeat_ns or 0) < live_after:
@@ -399,10 +401,15 @@ class ValidatorCore:
                 total_free += n - busy
                 issued = conn.execute(sa.select(sa.func.count()).select_from(db.tickets)
                                       .where(db.tickets.c.miner_hotkey == m.hotkey)).scalar_one()
-                candidates.append((-(n - busy), issued, m.hotkey))  # most free, then least used
+                # charged incidents (missed heartbeats, restarts, blown deadlines) lower a miner's
+                # priority for a while; fabric incidents do not (DESIGN §1 point 8)
+                charged = conn.execute(sa.select(sa.func.count()).select_from(db.incidents).where(
+                    db.incidents.c.miner_hotkey == m.hotkey, db.incidents.c.kind == "miner",
+                    db.incidents.c.t_ns >= penalty_after)).scalar_one()
+                candidates.append((charged, -(n - busy), issued, m.hotkey))  # reliable, most free, least used
         if not candidates:
             return None, f"{total_free} of {offered} {executor_class} executors free on live admitted miners"
-        return min(candidates)[2], ""
+        return min(candidates)[3], ""
 
     def _issue_ticket(self, conn: sa.Connection, job_id: str, attempt: int, miner: str, executor_class: str) -> Ticket:
         now = self.clock()
