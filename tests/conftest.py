@@ -54,18 +54,10 @@ class Stack:
 def hub():
     """A local server answering the Hugging Face Hub API (and plain files), for the whole session:
     the stack's agents are started with HF_ENDPOINT pointing at it."""
-    import threading
+    from tests.cluster.test_volumes import serving_origin
 
-    from tests.cluster.test_volumes import Origin, _Handler, _Server
-
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.origin = Origin()
-    server.origin.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield server.origin
-    server.shutdown()
-    server.server_close()
+    with serving_origin() as served:
+        yield served
 
 
 @pytest.fixture(scope="session")

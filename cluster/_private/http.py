@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from cluster._private.envelope import SignedEnvelope
+from cluster._private.miner.images import ImageDenied
 from cluster.errors import (
     AdmissionRefused, CapabilityRefused, InvalidSpec, Refused, ServiceUnavailable, SignatureRejected, TicketRefused,
 )
@@ -21,15 +22,8 @@ _BY_REASON: dict[str, type[Refused]] = {
     "unknown_ticket": TicketRefused, "wrong_miner": TicketRefused, "ticket_closed": TicketRefused,
     "invalid_signature": SignatureRejected, "replayed": SignatureRejected, "clock_skew": SignatureRejected,
     "unsigned": SignatureRejected, "wrong_signer": SignatureRejected, "malformed": Refused,
+    "image_denied": ImageDenied,
 }
-
-
-def _image_denied() -> None:  # late import: images.py imports cluster.errors only, but keep http light
-    from cluster._private.miner.images import ImageDenied
-    _BY_REASON["image_denied"] = ImageDenied
-
-
-_image_denied()
 
 
 def raise_for_error(resp: httpx.Response) -> None:

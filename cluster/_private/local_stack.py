@@ -133,7 +133,7 @@ class LocalStack:
                 menv = {f"RAYHORDE_MINER_{k.upper()}": str(v) for k, v in {
                     "name": name, "home": mhome, "wallet_dir": self.home / "wallets", "wallet": name,
                     "wallet_uri": self.miner_uris[i], "validator_url": vsettings.url,
-                    "validator_hotkey": _validator_ss58(vsettings, self.home),
+                    "validator_hotkey": _validator_ss58(vsettings),
                     "executor_classes": json.dumps({"always_on.test": self.executors_per_miner}),
                     "node_port_base": base + ray_node.PORT_BLOCK * (i + 1),
                     "ray_temp_dir": short_tmp(self.home, name)}.items()}
@@ -183,7 +183,7 @@ class LocalStack:
         return stopped
 
 
-def _validator_ss58(settings: ValidatorSettings, home: Path) -> str:
+def _validator_ss58(settings: ValidatorSettings) -> str:
     from cluster._private.identity import load_or_create_wallet
     return load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri).ss58
 

@@ -9,6 +9,7 @@ Hostile archives and specs must be refused with a clear message and leave nothin
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 import pytest
@@ -179,17 +181,26 @@ class _Server(ThreadingHTTPServer):
         pass  # a client that hangs up on purpose (over-cap refusal) is not a test failure
 
 
-@pytest.fixture
-def origin():
+@contextlib.contextmanager
+def serving_origin() -> Iterator[Origin]:
+    """The test server on 127.0.0.1 (random port), in a thread, for the ``with`` block."""
     server = _Server(("127.0.0.1", 0), _Handler)
     server.origin = Origin()
     server.origin.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield server.origin
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield server.origin
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def origin():
+    with serving_origin() as served:
+        yield served
 
 
 @pytest.fixture
