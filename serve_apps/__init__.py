@@ -1,3 +1,4 @@
-"""Whitelisted Ray Serve apps for streaming jobs (issue 4). Empty in the walking skeleton."""
+"""Streaming: whitelisted Ray Serve apps behind the miner's proxy (issue 4; wire formats so far)."""
 
-__all__: list[str] = []
+from serve_apps.api import *  # noqa: F401,F403
+from serve_apps.api import __all__  # noqa: F401

@@ -19,5 +19,10 @@ def test_cluster_public_names():
     assert all(hasattr(cluster, name) for name in cluster.__all__)
 
 
-def test_serve_apps_is_empty_for_now():
-    assert serve_apps.__all__ == []
+def test_serve_apps_public_names():
+    assert sorted(serve_apps.__all__) == sorted([
+        "RECEIPT_HEADER", "REQUEST_HEADER", "SIGNATURE_HEADER", "PublicKey", "Receipt", "ReceiptBody", "ReceiptChain",
+        "ReceiptInvalid", "RequestEnvelope", "RequestRefused", "RequestSigner", "SigningKey", "check_request",
+        "job_sign", "miner_countersign", "sign_request", "split_sse", "verify_receipt",
+    ])
+    assert all(hasattr(serve_apps, name) for name in serve_apps.__all__)

@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         killed = core.kill_all()
+        core.clean_leftovers()  # job threads die with us: their tmpfs mounts and dirs must not
         if proc is not None:
             ray_node.stop_process(proc)
         server.stop()
