@@ -9,11 +9,11 @@ validator and bound to the ticket. Results are signed with the miner hotkey.
 from __future__ import annotations
 
 import base64
+import ctypes
 import logging
 import os
 import shutil
 import sqlite3
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -300,18 +300,24 @@ def _verdict(out: ContainerOutcome, cls: ExecutorClass, class_name: str) -> dict
     return {"status": "completed", "exit_code": 0}
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_MS_NOSUID, _MS_NODEV, _MNT_DETACH = 2, 4, 2
+
+
 def mount_tmpfs(path: Path, size_mb: int) -> None:
-    """A tmpfs of ``size_mb`` at ``path``, writable by the job's unprivileged uid (needs root)."""
+    """A tmpfs of ``size_mb`` at ``path``, writable by the job's unprivileged uid (needs root).
+
+    mount(2) directly: spawning mount/umount for every job cost ~20-40 ms of CPU per job."""
     path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0777,nosuid,nodev",
-                           "rayhorde-job", str(path)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError(f"cannot mount a {size_mb} MB tmpfs at {path} (the agent needs root for size caps): "
-                      f"{done.stderr.strip()}")
+    if _libc.mount(b"rayhorde-job", str(path).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                   f"size={size_mb}m,mode=0777".encode()) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot mount a {size_mb} MB tmpfs at {path} (the agent needs root for size caps): "
+                           f"{os.strerror(err)}")
 
 
 def unmount(path: Path) -> None:
-    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    _libc.umount2(str(path).encode(), _MNT_DETACH)
 
 
 def collect_artifacts(root: Path, mount: str, *, per_file_max: int, total_max: int) -> tuple[dict[str, str], list[str]]:

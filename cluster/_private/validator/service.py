@@ -154,8 +154,9 @@ class ValidatorCore:
             self._admitted(conn, env.signer)
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer)
                          .values(node_id=msg.node_id, last_heartbeat_ns=self.clock()))
-            self._dispatch(conn)  # new capacity
-        self._notify()
+            issued = self._dispatch(conn)  # new capacity
+        if issued:
+            self._notify()
 
     def node_lost(self, env: SignedEnvelope) -> None:
         """The agent saw its Ray node die: a fabric incident (DESIGN §1 point 8), not charged."""
@@ -297,21 +298,21 @@ class ValidatorCore:
         if job.current_ticket is None:
             return None
         t = conn.execute(sa.select(db.tickets).where(db.tickets.c.id == job.current_ticket)).one()
-        return TicketRef(ticket_id=t.id, attempt=t.attempt, miner_hotkey=t.miner_hotkey,
-                         executor_class=t.executor_class,
-                         resources={miner_resource(t.miner_hotkey): 0.001, executor_resource(t.executor_class): 1.0})
+        return _ref(t.id, t.attempt, t.miner_hotkey, t.executor_class)
 
-    def _dispatch(self, conn: sa.Connection, only_job: str | None = None) -> None:
-        """Ticket waiting jobs, oldest first, while executors of their class are free. Caller holds ``_alloc``."""
+    def _dispatch(self, conn: sa.Connection, only_job: str | None = None) -> int:
+        """Ticket waiting jobs, oldest first, while executors of their class are free; return how
+        many got a ticket. Caller holds ``_alloc``."""
         q = sa.select(db.jobs).where(db.jobs.c.status == JobStatus.received.value, db.jobs.c.current_ticket.is_(None))
         if only_job is not None:
             q = q.where(db.jobs.c.id == only_job)
         full: set[str] = set()
+        issued = 0
         for job in conn.execute(q.order_by(db.jobs.c.created_ns)).all():
             if job.executor_class in full:
                 continue
             if only_job is not None and self._waiting_ahead(conn, job):
-                return  # a newcomer queues behind older waiting jobs of its class
+                return issued  # a newcomer queues behind older waiting jobs of its class
             miner, _ = self._pick_miner(conn, job.executor_class, exclude=self._failed_miners(conn, job.id))
             if miner is None:
                 full.add(job.executor_class)
@@ -319,6 +320,8 @@ class ValidatorCore:
             ticket = self._issue_ticket(conn, job.id, job.attempt + 1, miner, job.executor_class)
             self._event(conn, job.id, ticket.attempt, JobStatus.received,
                         detail=f"ticket for miner {miner} (attempt {ticket.attempt})")
+            issued += 1
+        return issued
 
     def _failed_miners(self, conn: sa.Connection, job_id: str) -> set[str]:
         return set(conn.execute(sa.select(db.tickets.c.miner_hotkey).where(
@@ -356,21 +359,28 @@ class ValidatorCore:
         """Periodic: retire lost attempts, reject jobs that waited too long, serve the queue."""
         now = self.clock()
         live_after = now - int(self.settings.heartbeat_timeout_s * NS)
+        changed = 0
         with self._alloc, self.engine.begin() as conn:
             for t in conn.execute(sa.select(db.tickets).where(db.tickets.c.active.is_(True))).all():
                 m = conn.execute(sa.select(db.miners).where(db.miners.c.hotkey == t.miner_hotkey)).first()
                 if m is None or (m.last_heartbeat_ns or 0) < live_after:
-                    self._retire(conn, t, reason="missed_heartbeats", charged=True)
+                    reason, charged = "missed_heartbeats", True
                 elif t.fetched_ns is None and now > t.expires_ns:
-                    self._retire(conn, t, reason="ticket_not_fetched", charged=False)
+                    reason, charged = "ticket_not_fetched", False
                 elif t.deadline_ns is not None and now > t.deadline_ns:
-                    self._retire(conn, t, reason="deadline_passed", charged=True)
+                    reason, charged = "deadline_passed", True
+                else:
+                    continue
+                self._retire(conn, t, reason=reason, charged=charged)
+                changed += 1
             for job in conn.execute(sa.select(db.jobs).where(db.jobs.c.status == JobStatus.received.value,
                                                              db.jobs.c.current_ticket.is_(None))).all():
                 if now - (job.queued_ns or job.created_ns) > job.max_wait_s * NS:
                     self._reject(conn, job, f"waited {job.max_wait_s} s; {self._queue_reason(conn, job)}")
-            self._dispatch(conn)
-        self._notify()
+                    changed += 1
+            changed += self._dispatch(conn)
+        if changed:
+            self._notify()
 
     def start_sweeper(self) -> threading.Thread:
         def loop() -> None:
@@ -488,7 +498,8 @@ class ValidatorCore:
                         evidence=env.model_dump_json())
             if rep.status.terminal:
                 self._dispatch(conn)
-        self._notify()
+        if rep.status.terminal:  # watchers care about final states and new tickets, not progress
+            self._notify()
 
     def report_result(self, job_id: str, env: SignedEnvelope) -> None:
         res = JobResult.model_validate(self._open(env, "job_result"))
@@ -531,12 +542,16 @@ class ValidatorCore:
         deadline = time.monotonic() + min(wait_s, 30)
         ids = list(known)[:1000]
         while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(sa.select(db.jobs).where(db.jobs.c.id.in_(ids),
-                                                             db.jobs.c.user_hotkey == cap.user)).all()
-                states = [JobState(job_id=r.id, status=JobStatus(r.status),
-                                   ticket=None if JobStatus(r.status).terminal else self._ticket_ref(conn, r))
-                          for r in rows]
+            with self.engine.connect() as conn:  # one query for all of them: drivers follow many jobs
+                t = db.tickets
+                rows = conn.execute(
+                    sa.select(db.jobs.c.id, db.jobs.c.status, t.c.id.label("ticket_id"), t.c.attempt,
+                              t.c.miner_hotkey, t.c.executor_class)
+                    .select_from(db.jobs.outerjoin(t, t.c.id == db.jobs.c.current_ticket))
+                    .where(db.jobs.c.id.in_(ids), db.jobs.c.user_hotkey == cap.user)).all()
+            states = [JobState(job_id=r.id, status=JobStatus(r.status), ticket=None
+                               if JobStatus(r.status).terminal or r.ticket_id is None else
+                               _ref(r.ticket_id, r.attempt, r.miner_hotkey, r.executor_class)) for r in rows]
             changed = any(st.status.terminal or (st.ticket.ticket_id if st.ticket else None) != known[st.job_id]
                           for st in states)
             remaining = deadline - time.monotonic()
@@ -589,3 +604,8 @@ class ValidatorCore:
                           db.incidents.c.attempt, db.incidents.c.t_ns).order_by(db.incidents.c.id.desc()).limit(50))]
         return {"validator": self.hotkey.ss58, "gcs_address": self.settings.gcs_address(), "miners": out,
                 "jobs": counts, "incidents": incidents}
+
+
+def _ref(ticket_id: str, attempt: int, miner: str, executor_class: str) -> TicketRef:
+    return TicketRef(ticket_id=ticket_id, attempt=attempt, miner_hotkey=miner, executor_class=executor_class,
+                     resources={miner_resource(miner): 0.001, executor_resource(executor_class): 1.0})
