@@ -1,0 +1,146 @@
+"""The miner proxy: the only public door to a miner's streaming jobs (DESIGN §1 point 5, §2).
+
+For every request it checks the client envelope (its own nonce store: a replay is refused here
+before it costs the job anything), forwards the exact bytes to the job's route on the local
+Serve proxy (loopback), checks that the job's half of the receipt binds the bytes it is about
+to return, counter-signs with the miner hotkey and attaches the receipt: a header for buffered
+answers, a final ``: receipt <base64>`` SSE comment line for streamed ones. Receipts and both
+bodies are kept by request id. Each stream has its own idle timeout (Serve's request timeout
+is cluster-wide), so a dead job ends a stream with an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from cluster._private.identity import Hotkey
+from cluster.errors import Refused
+from serve_apps._private.client_envelope import MemoryNonces, check_request
+from serve_apps._private.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, parse_job_half
+from serve_apps._private.keys import PublicKey
+from serve_apps._private.receipts import RECEIPT_HEADER, SSE_PREFIX, Receipt, miner_countersign
+
+log = logging.getLogger("rayhorde.proxy")
+_HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
+
+
+@dataclass
+class JobRoute:
+    job_id: str
+    upstream: str  # e.g. http://127.0.0.1:<serve port>: the job's route lives at /jobs/<job_id>
+    client_keys: list[PublicKey]
+    job_key: PublicKey
+    receipts: dict[str, dict] = field(default_factory=dict)  # request_id -> receipt + bodies
+
+
+class MinerProxy:
+    def __init__(self, miner: Hotkey, *, max_skew_s: float = 5, idle_timeout_s: float = 10) -> None:
+        self.miner = miner
+        self.max_skew_s = max_skew_s
+        self.idle_timeout_s = idle_timeout_s
+        self.jobs: dict[str, JobRoute] = {}
+        self.nonces = MemoryNonces(keep_s=4 * max_skew_s + 60)
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(idle_timeout_s, connect=5))
+        self.app = Starlette(routes=[
+            Route("/jobs/{job_id}/receipts/{request_id}", self.receipt, methods=["GET"]),
+            Route("/jobs/{job_id}/{rest:path}", self.forward, methods=["GET", "POST"]),
+        ])
+
+    def add_job(self, route: JobRoute) -> None:
+        self.jobs[route.job_id] = route
+
+    async def receipt(self, request: Request) -> Response:
+        job = self.jobs.get(request.path_params["job_id"])
+        kept = job.receipts.get(request.path_params["request_id"]) if job else None
+        if kept is None:
+            return _error("not_found", "no such receipt", 404)
+        return JSONResponse(kept["receipt"])
+
+    async def forward(self, request: Request) -> Response:
+        job = self.jobs.get(request.path_params["job_id"])
+        if job is None:
+            return _error("unknown_job", f"no streaming job {request.path_params['job_id']} on this miner", 404)
+        body = await request.body()
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            env = check_request(request.headers, body, method=request.method, path=path, job_id=job.job_id,
+                                client_keys=job.client_keys, nonces=self.nonces, max_skew_s=self.max_skew_s)
+        except Refused as exc:
+            return _error(exc.reason, exc.message, exc.status_code or 403)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
+        upstream = self.http.build_request(request.method, job.upstream + path, content=body, headers=headers)
+        try:
+            resp = await self.http.send(upstream, stream=True)
+        except httpx.HTTPError as exc:
+            return _error("job_unreachable", f"the job did not answer: {exc!r}", 502)
+        if resp.status_code >= 400 or "text/event-stream" not in resp.headers.get("content-type", ""):
+            out = await resp.aread()
+            await resp.aclose()
+            if resp.status_code >= 400:
+                return Response(out, resp.status_code, media_type=resp.headers.get("content-type"))
+            try:
+                receipt = self._countersign(job, resp.headers[JOB_RECEIPT_HEADER], env.request_id, out)
+            except (KeyError, ValueError) as exc:
+                return _error("receipt_failed", f"the job's receipt does not bind its answer: {exc}", 502)
+            self._keep(job, env.request_id, receipt, body, out)
+            return Response(out, resp.status_code, media_type=resp.headers.get("content-type"),
+                            headers={RECEIPT_HEADER: receipt.to_b64()})
+        return StreamingResponse(self._stream(job, resp, env.request_id, body), media_type="text/event-stream")
+
+    async def _stream(self, job: JobRoute, resp: httpx.Response, request_id: str, body: bytes):
+        sent = bytearray()
+        buf = b""
+        chunks = resp.aiter_raw()
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(chunks.__anext__(), timeout=self.idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                buf += chunk
+                while b"\n\n" in buf:  # whole SSE events only, so the trailer is never split
+                    event, buf = buf.split(b"\n\n", 1)
+                    event += b"\n\n"
+                    if event.startswith(SSE_JOB_PREFIX):
+                        receipt = self._countersign(job, event[len(SSE_JOB_PREFIX):].strip(), request_id,
+                                                    bytes(sent))
+                        self._keep(job, request_id, receipt, body, bytes(sent))
+                        yield SSE_PREFIX + receipt.to_b64().encode() + b"\n\n"
+                        return
+                    sent += event
+                    yield event
+            yield b": error the job ended the stream without a receipt\n\n"
+        except asyncio.TimeoutError:
+            log.warning("stream %s idle for %.1f s: closing it", request_id, self.idle_timeout_s)
+            yield f": error the job sent nothing for {self.idle_timeout_s:g} s (idle timeout)\n\n".encode()
+        except (httpx.HTTPError, ValueError) as exc:
+            yield f": error the stream from the job failed: {exc!r}\n\n".encode()
+        finally:
+            await resp.aclose()
+
+    def _countersign(self, job: JobRoute, half_b64, request_id: str, out: bytes) -> Receipt:
+        body, job_sig = parse_job_half(half_b64)
+        if (body.request_id != request_id or body.job_id != job.job_id or body.job_key != job.job_key
+                or body.miner_hotkey != self.miner.ss58):
+            raise ValueError("receipt names another request, job, key or miner")
+        if body.output_sha256 != hashlib.sha256(out).hexdigest():
+            raise ValueError("output hash differs from the bytes returned")
+        if not job.job_key.verify(body.canonical(), job_sig):
+            raise ValueError("job signature does not verify")
+        return miner_countersign(self.miner, body, job_sig)
+
+    def _keep(self, job: JobRoute, request_id: str, receipt: Receipt, body: bytes, out: bytes) -> None:
+        job.receipts[request_id] = {"receipt": receipt.model_dump(mode="json"), "request": body, "response": out}
+
+
+def _error(reason: str, message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": {"reason": reason, "message": message}}, status)
