@@ -57,6 +57,100 @@ def pss_mb(pids: list[int]) -> float:
     return total / 2**20
 
 
+def proxy_benchmarks(state: dict) -> None:
+    """The echo app on Serve pinned to miner1: signed calls through the miner proxy (envelope
+    check, receipt counter-signature) vs the same signed calls straight to the Serve route."""
+    import socket
+    import threading
+
+    import httpx
+    from ray import serve
+
+    from cluster._private.ray_node import stop_process
+    from serve_apps import RequestSigner, SigningKey
+    from serve_apps.echo import EchoApp
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    miner = Hotkey.from_uri("//Bob")
+    client = SigningKey()
+    job, prefix = "bench-echo", "/jobs/bench-echo"
+    serve_port, proxy_port = free_port(), free_port()
+    serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": serve_port,
+                                                          "request_timeout_s": 30})
+    dep = serve.deployment(EchoApp, name="echo", max_ongoing_requests=128, max_queued_requests=512,
+                           ray_actor_options={"num_cpus": 0, "resources": {f"miner:{miner.ss58}": 0.01}})
+    serve.run(dep.bind(job, miner.ss58, [client.public.model_dump()], route_prefix=prefix), name=job,
+              route_prefix=prefix)
+    direct = f"http://127.0.0.1:{serve_port}"
+    key = httpx.get(f"{direct}{prefix}/-/key", timeout=30).json()["job_key"]
+    spec = {"job_id": job, "upstream": direct, "client_keys": [client.public.model_dump()], "job_key": key}
+    proxy = subprocess.Popen([sys.executable, "-m", "cluster._private.miner.proxy", "--port", str(proxy_port),
+                              "--miner-uri", "//Bob", "--job", json.dumps(spec)], start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    via = f"http://127.0.0.1:{proxy_port}"
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(f"{via}/jobs/none/x", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        clients = {base: httpx.Client(base_url=base, auth=RequestSigner(client, job), timeout=30)
+                   for base in (direct, via)}
+        body = b'{"prompt": "' + b"x" * 200 + b'"}'
+
+        def once(base: str) -> float:
+            t0 = time.perf_counter()
+            r = clients[base].post(f"{prefix}/echo", content=body)
+            assert r.status_code == 200, r.text
+            return time.perf_counter() - t0
+
+        for base in (direct, via):
+            for _ in range(20):
+                once(base)
+        lat: dict[str, list[float]] = {direct: [], via: []}
+        for _ in range(300):  # interleaved, so both see the same machine
+            lat[direct].append(once(direct))
+            lat[via].append(once(via))
+        q = {b: statistics.quantiles(v, n=100) for b, v in lat.items()}
+        bench("proxy_p50_ratio_echo", q[via][49] / q[direct][49], "x",
+              f"p50 {q[via][49] * 1000:.1f} ms via proxy vs {q[direct][49] * 1000:.1f} ms direct")
+        bench("proxy_p99_ratio_echo", q[via][98] / q[direct][98], "x",
+              f"p99 {q[via][98] * 1000:.1f} ms vs {q[direct][98] * 1000:.1f} ms")
+
+        def throughput(base: str, concurrency: int, seconds: float = 4) -> float:
+            done = [0] * concurrency
+            stop = time.perf_counter() + seconds
+
+            def worker(i: int) -> None:
+                with httpx.Client(base_url=base, auth=RequestSigner(client, job), timeout=30) as c:
+                    while time.perf_counter() < stop:
+                        assert c.post(f"{prefix}/echo", content=body).status_code == 200
+                        done[i] += 1
+
+            threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return sum(done) / (time.perf_counter() - t0)
+
+        for c in (16, 64):
+            d, p = throughput(direct, c), throughput(via, c)
+            bench(f"proxy_tput_ratio_echo_c{c}", p / d, "x", f"{p:.0f} req/s via proxy vs {d:.0f} direct")
+    finally:
+        stop_process(proxy)
+        serve.shutdown()
+
+
 def main() -> int:
     engine = docker.DockerClient(base_url=DOCKER_HOST)
     home = Path(tempfile.mkdtemp(prefix="rh-bench-"))
@@ -127,6 +221,8 @@ def main() -> int:
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         ran_at = ray.get(probe.remote(), timeout=120)
         bench("miner_join_s", ran_at - t0, "s", "agent start (admission + Ray node) -> first pinned task runs")
+
+        proxy_benchmarks(state)
     finally:
         if newcomer_proc is not None:
             from cluster._private.ray_node import stop_process
