@@ -7,12 +7,14 @@ from serve_apps._private.client_envelope import (
     REQUEST_HEADER, SIGNATURE_HEADER, RequestEnvelope, RequestRefused, RequestSigner, check_request, sign_request,
 )
 from serve_apps._private.keys import PublicKey, SigningKey
+from serve_apps._private.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
 from serve_apps._private.receipts import (
     RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptChain, ReceiptInvalid, job_sign, miner_countersign, split_sse,
     verify_receipt,
 )
 
 __all__ = [
+    "AppRefused",
     "RECEIPT_HEADER",
     "REQUEST_HEADER",
     "SIGNATURE_HEADER",
@@ -31,4 +33,7 @@ __all__ = [
     "sign_request",
     "split_sse",
     "verify_receipt",
+    "weights_digest",
+    "Whitelist",
+    "WhitelistEntry",
 ]

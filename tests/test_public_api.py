@@ -24,5 +24,6 @@ def test_serve_apps_public_names():
         "RECEIPT_HEADER", "REQUEST_HEADER", "SIGNATURE_HEADER", "PublicKey", "Receipt", "ReceiptBody", "ReceiptChain",
         "ReceiptInvalid", "RequestEnvelope", "RequestRefused", "RequestSigner", "SigningKey", "check_request",
         "job_sign", "miner_countersign", "sign_request", "split_sse", "verify_receipt",
+        "AppRefused", "Whitelist", "WhitelistEntry", "weights_digest",
     ])
     assert all(hasattr(serve_apps, name) for name in serve_apps.__all__)
