@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import sys
 import time
@@ -14,7 +13,7 @@ import click
 from cluster._private.identity import load_or_create_wallet
 from cluster._private.local_stack import LocalStack
 from cluster._private.settings import default_home
-from cluster._private.user import get_job, request_capability
+from cluster._private.user import request_capability
 from cluster.errors import RayhordeError
 from jobs._private.models import JobView
 

@@ -21,7 +21,7 @@ from cluster._private.settings import REPO_ROOT, MinerSettings, load_settings
 HELLO = 'echo "Hello, $NAME!" | tee -a /artifacts/stuff'
 
 
-def _tree(pids: list[int]) -> set[int]:
+def process_tree(pids: list[int]) -> set[int]:
     out: set[int] = set()
     for pid in pids:
         try:
@@ -33,7 +33,7 @@ def _tree(pids: list[int]) -> set[int]:
     return out
 
 
-def _listening(pids: set[int] | None = None) -> set[tuple[str, int]]:
+def listening_sockets(pids: set[int] | None = None) -> set[tuple[str, int]]:
     """Listening (ip, port) pairs, of ``pids`` only when given."""
     return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids)}
@@ -82,12 +82,12 @@ def run_demo(home: Path) -> int:
         click.echo(f"demo step failed: {exc!r}", err=True)
         ok = False
     finally:
-        pids = _tree(list(stack._state().get("pids", {}).values()))
+        pids = process_tree(list(stack._state().get("pids", {}).values()))
         for m in stack._state().get("miners", {}).values():
             node = Path(m["home"]) / "node.json"
             if node.exists():
-                pids |= _tree([json.loads(node.read_text())["pid"]])
-        sockets_before = _listening(pids)
+                pids |= process_tree([json.loads(node.read_text())["pid"]])
+        sockets_before = listening_sockets(pids)
         t1 = time.monotonic()
         stopped = stack.down()
         click.echo(f"\n== shut down {', '.join(stopped)} in {time.monotonic() - t1:.1f} s "
@@ -97,7 +97,7 @@ def run_demo(home: Path) -> int:
     engine = docker.DockerClient(base_url=load_settings(MinerSettings, REPO_ROOT / "configs/miner.local.toml",
                                                        env_prefix="RAYHORDE_MINER_").docker_host)
     containers = engine.containers.list(all=True, filters={"label": "rayhorde.agent"})
-    sockets = sockets_before & _listening()
+    sockets = sockets_before & listening_sockets()
     click.echo(f"   left behind: {len(alive)} processes, {len(containers)} containers, {len(sockets)} listening sockets")
     clean = not alive and not containers and not sockets
     click.echo("\nDEMO " + ("PASSED" if ok and clean else "FAILED"))

@@ -1,5 +1,5 @@
 """What a user (outside the cluster, holding a hotkey) does with validator-core: get a
-capability for drivers, and read jobs back."""
+capability for drivers (which then read their jobs back with it)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from cluster._private.envelope import seal
 from cluster._private.http import ServiceClient
 from cluster._private.identity import Hotkey
 from cluster._private.protocol import CapabilityRequest
-from jobs._private.models import JobView
 
 
 def request_capability(validator_url: str, hotkey: Hotkey, *, max_jobs: int = 10, ttl_s: int = 600,
@@ -21,13 +20,5 @@ def request_capability(validator_url: str, hotkey: Hotkey, *, max_jobs: int = 10
         validator_hotkey = validator_hotkey or client.get("/v1/health")["validator"]
         req = CapabilityRequest(validator=validator_hotkey, max_jobs=max_jobs, ttl_s=ttl_s)
         return client.post_signed("/v1/capabilities", seal(hotkey, "capability_request", req))["capability"]
-    finally:
-        client.close()
-
-
-def get_job(validator_url: str, capability: str, job_id: str) -> JobView:
-    client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
-    try:
-        return JobView.model_validate(client.get(f"/v1/jobs/{job_id}"))
     finally:
         client.close()

@@ -12,24 +12,10 @@ import httpx
 import psutil
 import pytest
 
+from cluster._private.demo import listening_sockets, process_tree
 from cluster._private.local_stack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _tree(pids) -> set[int]:
-    out = set()
-    for pid in pids:
-        try:
-            out |= {pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))}
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _listeners(pids: set[int]) -> set[tuple[str, int]]:
-    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and (not pids or c.pid in pids)}
 
 
 def test_up_binds_loopback_only_and_down_leaves_nothing(engine, tmp_path):
@@ -37,8 +23,8 @@ def test_up_binds_loopback_only_and_down_leaves_nothing(engine, tmp_path):
     state = stack.up()
     try:
         node = json.loads((tmp_path / "s" / "miner1" / "node.json").read_text())
-        pids = _tree([*state["pids"].values(), node["pid"]])
-        listening = _listeners(pids)
+        pids = process_tree([*state["pids"].values(), node["pid"]])
+        listening = listening_sockets(pids)
         assert listening, "the stack should be listening somewhere"
         assert {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
         # the Jobs API needs the cluster token (token auth is on for the real head)
@@ -51,7 +37,7 @@ def test_up_binds_loopback_only_and_down_leaves_nothing(engine, tmp_path):
     time.sleep(0.5)
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
-    assert listening & _listeners(set()) == set()
+    assert listening & listening_sockets() == set()
     assert engine.containers.list(all=True, filters={"label": "rayhorde.agent"}) == []
     assert not (tmp_path / "s" / "stack.json").exists()
 

@@ -202,7 +202,11 @@ def test_node_lost_retires_a_fabric_incident_and_reticketes_to_the_other_miner(h
     other = CHARLIE if first is BOB else BOB
     h.fetch(first, sub.ticket.ticket_id)
     h.status(first, sub.job_id, sub.ticket, JobStatus.accepted)
-    h.core.node_lost(h.seal(first, "node_lost", NodeLost(node_id="gone", running_tickets=[sub.ticket.ticket_id])))
+    # a late report about a node the miner already replaced changes nothing
+    h.core.node_lost(h.seal(first, "node_lost", NodeLost(node_id="an-older-node")))
+    assert h.incidents() == [] and h.core.get_job(cap, sub.job_id).ticket == sub.ticket
+    h.core.node_lost(h.seal(first, "node_lost", NodeLost(node_id=f"node-{first.ss58[:8]}",
+                                                         running_tickets=[sub.ticket.ticket_id])))
 
     assert h.incidents() == [(first.ss58, "fabric", "ray_node_lost", 1)]
     view = h.core.get_job(cap, sub.job_id)

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-import ray
 from ray import serve
 
 from cluster._private.identity import Hotkey

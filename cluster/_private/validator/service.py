@@ -162,7 +162,9 @@ class ValidatorCore:
         """The agent saw its Ray node die: a fabric incident (DESIGN §1 point 8), not charged."""
         msg = NodeLost.model_validate(self._open(env, "node_lost"))
         with self._alloc, self.engine.begin() as conn:
-            self._admitted(conn, env.signer)
+            miner = self._admitted(conn, env.signer)
+            if miner.node_id is not None and miner.node_id != msg.node_id:
+                return  # a late report about a node already replaced: the current one's attempts stand
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer).values(node_id=None))
             for t in self._active_tickets(conn, env.signer):
                 self._retire(conn, t, reason="ray_node_lost", charged=False, evidence=env.model_dump_json())
@@ -567,20 +569,19 @@ class ValidatorCore:
                 raise Refused("not_found", f"no job {job_id} for user {cap.user}", status_code=404)
             events = conn.execute(sa.select(db.job_events).where(db.job_events.c.job_id == job_id)
                                   .order_by(db.job_events.c.id)).all()
-        return self._view(job, events)
+            return self._view(conn, job, events)
 
     def list_jobs(self, cap: Capability, limit: int = 100) -> list[JobView]:
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.jobs).where(db.jobs.c.user_hotkey == cap.user)
                                 .order_by(db.jobs.c.created_ns.desc()).limit(limit)).all()
-        return [self._view(r, []) for r in rows]
+            return [self._view(conn, r, []) for r in rows]
 
-    def _view(self, job: sa.Row, events: list[sa.Row]) -> JobView:
+    def _view(self, conn: sa.Connection, job: sa.Row, events: list[sa.Row]) -> JobView:
         result = None
         if job.result_envelope:
             result = JobResult.model_validate(SignedEnvelope.model_validate_json(job.result_envelope).payload)
-        with self.engine.connect() as conn:
-            ticket = None if JobStatus(job.status).terminal else self._ticket_ref(conn, job)
+        ticket = None if JobStatus(job.status).terminal else self._ticket_ref(conn, job)
         return JobView(
             job_id=job.id, status=JobStatus(job.status), executor_class=job.executor_class,
             miner_hotkey=job.miner_hotkey, attempt=job.attempt, created_ns=job.created_ns, ticket=ticket,
