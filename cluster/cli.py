@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from cluster._private import stream_cli
 from cluster._private.identity import load_or_create_wallet
 from cluster._private.local_stack import LocalStack
 from cluster._private.settings import default_home
@@ -260,6 +261,10 @@ def job_cancel(home: str | None, wallet: str, wallet_uri: str, job_id: str) -> N
     _, _, client = _reader(home, wallet, wallet_uri)
     view = JobView.model_validate(client.post(f"/v1/jobs/{job_id}/cancel"))
     click.echo(f"job {view.job_id}: {view.status.value}")
+
+
+stream_cli.register(main, home_option=home_option, user_options=user_options, with_options=_with,
+                    stack_state=_stack_state, home_dir=_home, capability=_user_capability)
 
 
 @main.command()

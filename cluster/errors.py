@@ -9,7 +9,8 @@
         │   ├── SignatureRejected  bad / missing signature, wrong signer, replay, stale clock
         │   ├── AdmissionRefused   validator-core would not admit a miner
         │   ├── TicketRefused      an agent would not run a ticket
-        │   └── CapabilityRefused  a user capability was refused, expired or over budget
+        │   ├── CapabilityRefused  a user capability was refused, expired or over budget
+        │   └── AppRefused         a streaming app is not whitelisted, or its weights are not the pinned ones
         ├── ServiceUnavailable     a service did not answer (down, timed out, connection refused)
         └── EngineError            the container engine failed (not the job's fault)
 
@@ -63,6 +64,10 @@ class TicketRefused(Refused):
 
 class CapabilityRefused(Refused):
     """A capability request or a capability was refused."""
+
+
+class AppRefused(Refused):
+    """A streaming deployment was refused: not whitelisted, or weights that are not the pinned ones."""
 
 
 class ServiceUnavailable(ExternalError):

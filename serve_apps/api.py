@@ -1,12 +1,15 @@
-"""The public surface of ``serve_apps`` so far: streaming keys, request signing, receipts.
+"""The public surface of ``serve_apps``: the streaming client (deploy, wait for ready, call,
+verify, terminate) and the wire formats of DESIGN §6 (keys, request signing, receipts, the app
+whitelist and weights digest), usable by any client or validator.
 
-The Serve apps, the miner proxy and the streaming lifecycle are issue 4's remaining work; these
-are the wire formats of DESIGN §6 they will use, usable today by any client or validator."""
+The apps themselves live beside this module (``serve_apps.echo``, ``serve_apps.llm``)."""
 
 from serve_apps._private.client_envelope import (
     REQUEST_HEADER, SIGNATURE_HEADER, RequestEnvelope, RequestRefused, RequestSigner, check_request, sign_request,
 )
+from serve_apps._private.client import Answer, StreamFailed, StreamJob, Streams, VerifyingTransport
 from serve_apps._private.keys import PublicKey, SigningKey
+from serve_apps._private.models import StreamReady, StreamSpec, StreamView
 from serve_apps._private.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
 from serve_apps._private.receipts import (
     RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptChain, ReceiptInvalid, job_sign, miner_countersign, split_sse,
@@ -14,7 +17,15 @@ from serve_apps._private.receipts import (
 )
 
 __all__ = [
+    "Answer",
     "AppRefused",
+    "StreamFailed",
+    "StreamJob",
+    "StreamReady",
+    "StreamSpec",
+    "StreamView",
+    "Streams",
+    "VerifyingTransport",
     "RECEIPT_HEADER",
     "REQUEST_HEADER",
     "SIGNATURE_HEADER",

@@ -2,7 +2,9 @@
 
 ``POST <prefix>/echo`` answers ``{"echo": <body>}``; with ``?stream=1`` it answers the body back
 as server-sent events, one event per 64 bytes, then ``data: [DONE]``. ``GET <prefix>/-/key``
-gives the job key (the agent signs it into the readiness message). Every answer carries the
+gives the job key (the agent signs it into the readiness message). ``POST <prefix>/volume``
+with ``{"name": ...}`` answers ``{"name", "content"}`` of a file the client put into the job's
+volume through the miner proxy (``PUT /jobs/<id>/volume/<name>``). Every answer carries the
 job's half of the receipt. It is a plain ASGI-callable class, so Ray Serve can deploy it
 (``serve.deployment(EchoApp)``) and tests can run it under uvicorn.
 """
@@ -33,7 +35,7 @@ class EchoApp:
         local = path[len(self.prefix):] if path.startswith(self.prefix) else path
         if request.method == "GET" and local == "/-/key":
             return JSONResponse({"job_id": self.side.job_id, "job_key": self.side.key.public.model_dump()})
-        if request.method != "POST" or local != "/echo":
+        if request.method != "POST" or local not in ("/echo", "/volume"):
             return JSONResponse({"reason": "not_found", "message": f"no route {request.method} {local}"}, 404)
         body = await request.body()
         t_from = self.side.clock()
@@ -42,6 +44,10 @@ class EchoApp:
             env = self.side.check(request.headers, body, method="POST", path=full)
         except Refused as exc:
             return JSONResponse({"reason": exc.reason, "message": exc.message}, exc.status_code or 403)
+        if local == "/volume":
+            out = self._read_volume(body)
+            return Response(out, media_type="application/json",
+                            headers={JOB_RECEIPT_HEADER: self.side.sign(env, t_from=t_from, output=out)})
         if request.query_params.get("stream") != "1":
             out = b'{"echo":' + json.dumps(body.decode("utf-8", "replace")).encode() + b"}"
             return Response(out, media_type="application/json",
@@ -61,3 +67,14 @@ class EchoApp:
             yield SSE_JOB_PREFIX + self.side.sign(env, t_from=t_from, output=bytes(sent)).encode() + b"\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    def _read_volume(self, body: bytes) -> bytes:
+        try:
+            name = str(json.loads(body)["name"])
+            path = self.side.volume_file(name)
+            answer = {"name": name, "content": path.read_text(errors="replace")}
+        except (ValueError, KeyError, TypeError):
+            answer = {"error": 'send {"name": <file name>}'}
+        except OSError as exc:
+            answer = {"error": f"cannot read it: {exc.strerror}"}
+        return json.dumps(answer).encode()

@@ -25,5 +25,7 @@ def test_serve_apps_public_names():
         "ReceiptInvalid", "RequestEnvelope", "RequestRefused", "RequestSigner", "SigningKey", "check_request",
         "job_sign", "miner_countersign", "sign_request", "split_sse", "verify_receipt",
         "AppRefused", "Whitelist", "WhitelistEntry", "weights_digest",
+        "Answer", "StreamFailed", "StreamJob", "StreamReady", "StreamSpec", "StreamView", "Streams",
+        "VerifyingTransport",
     ])
     assert all(hasattr(serve_apps, name) for name in serve_apps.__all__)

@@ -10,7 +10,7 @@ import httpx
 from cluster._private.envelope import SignedEnvelope
 from cluster._private.miner.images import ImageDenied
 from cluster.errors import (
-    AdmissionRefused, CapabilityRefused, InvalidSpec, Refused, ServiceUnavailable, SignatureRejected, TicketRefused,
+    AdmissionRefused, AppRefused, CapabilityRefused, InvalidSpec, Refused, ServiceUnavailable, SignatureRejected, TicketRefused,
 )
 
 _BY_REASON: dict[str, type[Refused]] = {
@@ -23,6 +23,7 @@ _BY_REASON: dict[str, type[Refused]] = {
     "invalid_signature": SignatureRejected, "replayed": SignatureRejected, "clock_skew": SignatureRejected,
     "unsigned": SignatureRejected, "wrong_signer": SignatureRejected, "malformed": Refused,
     "image_denied": ImageDenied,
+    "app_not_whitelisted": AppRefused, "weights_digest_mismatch": AppRefused,
 }
 
 

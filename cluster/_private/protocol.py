@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from jobs._private.models import Failure, JobResult, JobSpec, JobStatus, Submitted, TicketRef  # noqa: F401
+from serve_apps._private.models import StreamReady
 
 
 class ChallengeRequest(BaseModel):
@@ -35,6 +36,7 @@ class JoinAccepted(BaseModel):
     resources: dict[str, float]
     heartbeat_interval_s: float
     validator_hotkey: str
+    serve_http_port: int = 0  # every node's Serve HTTP proxy listens on 127.0.0.1:<this>
 
 
 class NodeStarted(BaseModel):  # kind "node_started", signed by the miner
@@ -90,6 +92,12 @@ class StatusReport(BaseModel):  # kind "job_status", signed by the miner
     failure: Failure | None = None
 
 
+class ReceiptsPull(BaseModel):  # kind "receipts_pull", signed by the validator: a page of a job's receipts
+    job_id: str
+    after_seq: int = -1
+    limit: int = Field(gt=0, le=1000, default=100)
+
+
 KINDS = {
     "admission_join": JoinRequest,
     "node_started": NodeStarted,
@@ -103,6 +111,8 @@ KINDS = {
     "job_spec": SpecGrant,
     "job_status": StatusReport,
     "job_result": JobResult,
+    "stream_ready": StreamReady,
+    "receipts_pull": ReceiptsPull,
 }
 
 

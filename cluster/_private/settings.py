@@ -85,6 +85,13 @@ class ValidatorSettings(BaseModel):
     ray_port_base: int = 6380
     ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>
     ray_token_path: Path | None = None  # default: <home>/ray_token
+    # streaming jobs (Serve apps driven through the head's Serve REST API)
+    whitelist_path: Path = Path("configs/serve_apps.toml")
+    deploy_streams: bool = True  # false: no Ray head to deploy to (unit tests)
+    serve_http_port: int | None = None  # default: ray_port_base + 9 (a free slot of the head's port block)
+    serve_request_timeout_s: float = Field(gt=0, default=600)  # cluster-wide: above the longest request
+    stream_max_duration_s: float = Field(gt=0, default=24 * 3600)
+    stream_deploy_timeout_s: float = Field(gt=0, default=300)
 
     @property
     def url(self) -> str:
@@ -99,6 +106,12 @@ class ValidatorSettings(BaseModel):
     def token_path(self) -> Path:
         return self.ray_token_path or self.home / "ray_token"
 
+    def resolved_serve_http_port(self) -> int:
+        return self.serve_http_port or self.ray_port_base + 9
+
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ray_port_base + 1}"  # HeadPorts.from_base(ray_port_base).dashboard
+
 
 class MinerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -111,7 +124,10 @@ class MinerSettings(BaseModel):
     validator_hotkey: str
     executor_classes: dict[str, int] = {"always_on.test": 1}
     executor_classes_path: Path = Path("configs/executor_classes.toml")
-    proxy_url: str = ""
+    proxy_url: str = ""  # the public address of this miner's streaming proxy (default http://127.0.0.1:<proxy_port>)
+    proxy_port: int = 0  # the proxy binds 127.0.0.1:<proxy_port>; 0: node_port_base + 9
+    stream_idle_timeout_s: float = Field(gt=0, default=10)  # a stream that sends nothing this long is ended
+    stream_volume_max_mb: int = Field(gt=0, default=64)  # a file sent to a streaming job
     num_cpus: int = Field(ge=0, default=1)
     object_store_mb: int = Field(ge=50, default=80)
     node_port_base: int = 0  # 0: pick free ports

@@ -11,7 +11,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import time
+from pathlib import Path
 from typing import Callable, Iterable
 
 from cluster._private.canonical import canonical_bytes
@@ -34,6 +36,14 @@ class JobSide:
         self.key = SigningKey()
         self.chain = ReceiptChain()
         self.nonces = MemoryNonces(keep_s=4 * max_skew_s + 60)
+
+    def volume_file(self, name: str) -> Path:
+        """A file the client sent into this job's volume through the miner proxy. The agent sets
+        ``RAYHORDE_STREAM_VOLUMES`` on its Ray node; names are plain (no separators)."""
+        root = os.environ.get("RAYHORDE_STREAM_VOLUMES")
+        if not root or "/" in name or name.startswith("."):
+            raise OSError(2, "no such file in the job's volume")
+        return Path(root) / self.job_id / name
 
     def check(self, headers, body: bytes, *, method: str, path: str) -> RequestEnvelope:
         """The job checks the envelope itself too: a call that skips the proxy is refused here."""

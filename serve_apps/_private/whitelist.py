@@ -18,17 +18,14 @@ import json
 import struct
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cluster._private.canonical import canonical_bytes
-from cluster.errors import ConfigError, Refused
+from cluster.errors import AppRefused, ConfigError  # noqa: F401 (AppRefused is re-exported)
 
 _MAX_HEADER = 100 * 2**20
-
-
-class AppRefused(Refused):
-    """A streaming deployment was refused: not whitelisted, or weights that are not the pinned ones."""
 
 
 class WhitelistEntry(BaseModel):
@@ -41,6 +38,10 @@ class WhitelistEntry(BaseModel):
     num_cpus: float = Field(ge=0, default=0)
     memory_mb: int = Field(ge=0, default=0)
     gpus: int = Field(ge=0, default=0)
+    init: dict[str, Any] = Field(default_factory=dict, description="fixed constructor arguments")
+    options: list[str] = Field(default_factory=list, description="constructor arguments a client may set")
+    env: dict[str, str] = Field(default_factory=dict, description="environment of the app's replica process")
+    max_ongoing_requests: int = Field(gt=0, default=64)
 
 
 class Whitelist(BaseModel):
@@ -60,10 +61,10 @@ class Whitelist(BaseModel):
         """The entry for ``name`` at ``version``; with ``weights``, their digest must be the pinned one."""
         entry = next((e for e in self.apps if e.name == name), None)
         if entry is None:
-            raise AppRefused("not_whitelisted", f"app {name!r} is not on the whitelist; whitelisted: "
+            raise AppRefused("app_not_whitelisted", f"app {name!r} is not on the whitelist; whitelisted: "
                              f"{sorted(e.name for e in self.apps)}", status_code=403)
         if entry.version != version:
-            raise AppRefused("not_whitelisted", f"app {name!r} version {version!r} is not whitelisted; the "
+            raise AppRefused("app_not_whitelisted", f"app {name!r} version {version!r} is not whitelisted; the "
                              f"whitelist pins {entry.version!r}", status_code=403)
         if entry.weights_sha256 is not None:
             if weights is None:

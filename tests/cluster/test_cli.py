@@ -58,3 +58,21 @@ def test_cancel_kills_the_container_and_records_cancelled(stack, engine):
     again = CliRunner().invoke(main, ["job", "cancel", "--home", str(stack.home), handle.job_id])
     assert again.exit_code == 2
     assert again.stderr == f"error: already_finished: job {handle.job_id} is already cancelled\n"
+
+
+@pytest.mark.slow
+def test_stream_deploy_call_status_terminate(stack):
+    out = cli(stack, "stream", "deploy", "--app", "echo", "--version", "1")
+    assert out.exit_code == 0, out.output
+    job_id = out.stdout.split("stream ", 1)[1].split()[0]
+    assert "status    streaming_ready" in out.stdout and f"/jobs/{job_id}" in out.stdout
+    called = cli(stack, "stream", "call", job_id, "/echo", "--data", '{"hi": 1}')
+    assert called.exit_code == 0, called.output
+    assert called.stdout.startswith('{"echo":"{\\"hi\\": 1}"}')
+    assert "receipt verified: seq 0" in called.stderr
+    status = cli(stack, "stream", "status", job_id)
+    assert "streaming_ready" in status.stdout
+    ended = cli(stack, "stream", "terminate", job_id)
+    assert ended.stdout.strip() == f"stream {job_id}: completed"
+    again = CliRunner().invoke(main, ["stream", "terminate", "--home", str(stack.home), job_id])
+    assert again.exit_code == 2 and "already_finished" in again.stderr

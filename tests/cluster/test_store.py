@@ -77,6 +77,9 @@ def versions(engine: sa.Engine) -> list[int]:
                     .scalars())
 
 
+ALL = list(range(1, db.LATEST + 1))
+
+
 def tables(engine: sa.Engine) -> set[str]:
     return set(sa.inspect(engine).get_table_names())
 
@@ -84,42 +87,44 @@ def tables(engine: sa.Engine) -> set[str]:
 # ---------------------------------------------------------------------------- migrations
 def test_migrations_are_idempotent_and_keep_data(open_db):
     first = open_db()
-    assert versions(first) == [db.LATEST] == [1]
+    assert versions(first) == ALL == [1, 2]
     assert tables(first) == set(db.metadata.tables) | {"schema_version"}
     with first.begin() as conn:
         conn.execute(db.capabilities.insert().values(id="c1", user_hotkey="u", max_jobs=3, expires_ns=1, jobs_used=0))
     second = open_db()  # a restart: nothing to do, nothing lost
     assert db.migrate(second) == db.LATEST
-    assert versions(second) == [1]
+    assert versions(second) == ALL
     with second.connect() as conn:
         assert conn.execute(sa.select(db.capabilities.c.max_jobs)).scalar_one() == 3
 
 
 def test_database_from_before_migrations_is_version_1(db_url, open_db):
     legacy = sa.create_engine(db_url)
-    db.metadata.create_all(legacy)  # what open_engine did before schema_version existed
+    db.metadata.create_all(legacy, tables=[t for t in db.metadata.sorted_tables if t.name != "streams"])  # what
+    # open_engine did before schema_version existed (the streams table came with step 2)
     with legacy.begin() as conn:
         conn.execute(db.miners.insert().values(hotkey="m", admitted_ns=1, executor_classes={"a": 1}, versions={}))
     legacy.dispose()
     engine = open_db()
-    assert versions(engine) == [1]
+    assert versions(engine) == [1, 2] and "streams" in tables(engine)  # then step 2 ran
     with engine.connect() as conn:
         assert conn.execute(sa.select(db.miners.c.executor_classes)).scalar_one() == {"a": 1}
 
 
 def test_a_later_step_runs_once_on_old_databases_and_never_on_fresh_ones(db_url, open_db, monkeypatch):
-    open_db()  # this database is at version 1
+    open_db()  # this database is at the latest version
     calls: list[str] = []
+    n = db.LATEST + 1
 
     def add_priority(conn: sa.Connection) -> None:
         calls.append("run")
         conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0"))
 
-    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS + (db.Migration(2, "jobs.priority", add_priority),))
-    monkeypatch.setattr(db, "LATEST", 2)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS + (db.Migration(n, "jobs.priority", add_priority),))
+    monkeypatch.setattr(db, "LATEST", n)
     engine = open_db()
     open_db()
-    assert calls == ["run"] and versions(engine) == [1, 2]
+    assert calls == ["run"] and versions(engine) == ALL + [n]
     assert "priority" in {c["name"] for c in sa.inspect(engine).get_columns("jobs")}
 
 
@@ -130,20 +135,20 @@ def test_a_failing_step_rolls_back_everything(open_db, monkeypatch):
         conn.execute(sa.text("CREATE TABLE half_done (x INTEGER)"))
         raise RuntimeError("step failed half way")
 
-    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS + (db.Migration(2, "broken", broken),))
-    monkeypatch.setattr(db, "LATEST", 2)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS + (db.Migration(db.LATEST + 1, "broken", broken),))
+    monkeypatch.setattr(db, "LATEST", db.LATEST + 1)
     with pytest.raises(RuntimeError, match="half way"):
         open_db()
     monkeypatch.undo()
     engine = open_db()
-    assert versions(engine) == [1] and "half_done" not in tables(engine)  # the DDL was in the transaction
+    assert versions(engine) == ALL and "half_done" not in tables(engine)  # the DDL was in the transaction
 
 
 def test_a_newer_database_is_refused(open_db):
     engine = open_db()
     with engine.begin() as conn:
         conn.execute(db.schema_version.insert().values(version=99, description="future", applied_ns=1))
-    with pytest.raises(ConfigError, match="schema is at version 99 .* knows versions up to 1"):
+    with pytest.raises(ConfigError, match="schema is at version 99 .* knows versions up to 2"):
         open_db()
 
 
@@ -164,7 +169,7 @@ def test_concurrent_first_starts_migrate_once(db_url):
     [t.join(60) for t in threads]
     try:
         assert errors == [] and len(engines) == 4
-        assert versions(engines[0]) == [1]
+        assert versions(engines[0]) == ALL
     finally:
         [e.dispose() for e in engines]
 

@@ -62,10 +62,10 @@ def test_whitelist_refusals_name_the_reason(tmp_path):
     assert wl.check("llm", "2", weights=weights).name == "llm"
     with pytest.raises(AppRefused) as err:
         wl.check("shady", "1")
-    assert err.value.reason == "not_whitelisted" and "'shady' is not on the whitelist" in err.value.message
+    assert err.value.reason == "app_not_whitelisted" and "'shady' is not on the whitelist" in err.value.message
     with pytest.raises(AppRefused) as err:
         wl.check("llm", "3", weights=weights)
-    assert err.value.reason == "not_whitelisted" and "pins '2'" in err.value.message
+    assert err.value.reason == "app_not_whitelisted" and "pins '2'" in err.value.message
     write_safetensors(weights, dict(TENSORS, embed=("BF16", [3], b"\x00" * 6)))
     with pytest.raises(AppRefused) as err:
         wl.check("llm", "2", weights=weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import threading
@@ -26,6 +27,7 @@ from cluster._private.miner.agent import AgentCore
 from cluster._private.miner.docker_runtime import DockerRuntime
 from cluster._private.miner.executor_api import ExecutorServer
 from cluster._private.miner.runtime import RuntimeFeature
+from cluster._private.miner.streams import StreamKeeper
 from cluster._private.protocol import (
     Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted,
 )
@@ -36,11 +38,11 @@ from cluster.errors import Refused
 log = logging.getLogger("rayhorde.agent")
 
 
-def admit(client: ServiceClient, hotkey: Hotkey, settings: MinerSettings) -> JoinAccepted:
+def admit(client: ServiceClient, hotkey: Hotkey, settings: MinerSettings, proxy_url: str) -> JoinAccepted:
     ch = Challenge.model_validate(client.post("/v1/admission/challenge",
                                               ChallengeRequest(miner_hotkey=hotkey.ss58).model_dump()))
     req = JoinRequest(validator=settings.validator_hotkey, challenge=ch.nonce, executor_classes=settings.executor_classes,
-                      proxy_url=settings.proxy_url, versions=local_versions())
+                      proxy_url=proxy_url, versions=local_versions())
     return JoinAccepted.model_validate(client.post_signed("/v1/admission/join", seal(hotkey, "admission_join", req)))
 
 
@@ -104,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
+    ports_base = settings.node_port_base or find_free_port_base()
+    proxy_port = settings.proxy_port or ports_base + 9  # a free slot of the node's port block
+    proxy_url = settings.proxy_url or f"http://127.0.0.1:{proxy_port}"
     try:
-        accepted = admit(validator, hotkey, settings)
+        accepted = admit(validator, hotkey, settings, proxy_url)
     except Refused as exc:
         log.error("admission refused: %s", exc)
         return 2
@@ -118,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     node_cwd.mkdir(exist_ok=True)
     node_file = home / "node.json"
     temp_dir = settings.ray_temp_dir or Path(f"/tmp/rh-{hotkey.ss58[:8].lower()}")
-    ports_base = settings.node_port_base or find_free_port_base()
+    volumes = home / "stream-volumes"
+    shutil.rmtree(volumes, ignore_errors=True)  # streams of a previous run ended when we re-joined
+    keeper = StreamKeeper(hotkey, validator, validator_hotkey=settings.validator_hotkey, proxy_port=proxy_port,
+                          proxy_url=proxy_url, serve_url=f"http://127.0.0.1:{accepted.serve_http_port}",
+                          volumes_dir=volumes, idle_timeout_s=settings.stream_idle_timeout_s,
+                          max_skew_s=settings.max_clock_skew_s, volume_max_bytes=settings.stream_volume_max_mb * 2**20)
+    keeper.start()
 
     def start_node() -> tuple[subprocess.Popen, str]:
         node_file.unlink(missing_ok=True)
@@ -126,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
             resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
             node_ports_base=ports_base, node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
-            cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock)})
+            cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock),
+                                          "RAYHORDE_STREAM_VOLUMES": str(volumes)})
         node_id = wait_for_file(node_file, proc, timeout_s=60)["node_id"]
         validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node_id)))
         log.info("Ray node %s up (pid %s); serving tickets on %s", node_id, proc.pid, sock)
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 # its tasks are gone, so its containers go too, and validator-core re-tickets
                 # their jobs as a fabric incident; then the node rejoins (DESIGN §1 point 8, §2).
                 core.node_epoch += 1
+                keeper.node_lost()  # open streams end now, with an error
                 lost = sorted(core.running)
                 killed = core.kill_all()
                 ray_node.stop_process(proc)  # whatever of its group survived
@@ -156,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # validator-core may be restarting; keep serving
                 log.warning("heartbeat failed: %s", exc)
                 continue
+            keeper.update(answer.get("streams") or [])
             stale = answer.get("kill_tickets") or []
             if stale:  # cancelled by their user or given to another miner
                 log.info("killing %d containers of tickets no longer ours: %s", core.kill_tickets(stale), stale)
         return 0
     finally:
+        keeper.stop()
         killed = core.kill_all()
         core.clean_leftovers()  # job threads die with us: their tmpfs mounts and dirs must not
         if proc is not None:

@@ -6,16 +6,28 @@ Serve proxy (loopback), checks that the job's half of the receipt binds the byte
 to return, counter-signs with the miner hotkey and attaches the receipt: a header for buffered
 answers, a final ``: receipt <base64>`` SSE comment line for streamed ones. Receipts and both
 bodies are kept by request id. Each stream has its own idle timeout (Serve's request timeout
-is cluster-wide), so a dead job ends a stream with an error instead of a hang.
+is cluster-wide), so a dead job ends a stream with an error instead of a hang; when the agent
+ends a job (terminated, time limit, its Ray node died) its open streams end within
+``_POLL_S`` with an error event the ``openai`` client raises on (``data: {"error": ...}``).
+
+Other doors, all checked with the same client envelope: ``PUT /jobs/<id>/volume/<name>`` puts a
+file into the job's volume (the client never reaches the job's node directly), and
+``GET /jobs/<id>/receipts?after_seq=N&limit=M`` gives validators pages of receipts and bodies
+(``Authorization: Rayhorde <validator-signed receipts_pull envelope>``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
+import json
 import logging
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from starlette.applications import Starlette
@@ -23,7 +35,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from cluster._private.envelope import SignedEnvelope, open_envelope
 from cluster._private.identity import Hotkey
+from cluster._private.protocol import ReceiptsPull
 from cluster.errors import Refused
 from serve_apps._private.client_envelope import MemoryNonces, check_request
 from serve_apps._private.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, parse_job_half
@@ -32,6 +46,8 @@ from serve_apps._private.receipts import RECEIPT_HEADER, SSE_PREFIX, Receipt, mi
 
 log = logging.getLogger("rayhorde.proxy")
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
+_POLL_S = 0.25  # how often an open stream looks whether its job was ended
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -41,18 +57,26 @@ class JobRoute:
     client_keys: list[PublicKey]
     job_key: PublicKey
     receipts: dict[str, dict] = field(default_factory=dict)  # request_id -> receipt + bodies
+    ended: str | None = None  # why the job ended (open streams stop, new requests are refused)
 
 
 class MinerProxy:
-    def __init__(self, miner: Hotkey, *, max_skew_s: float = 5, idle_timeout_s: float = 10) -> None:
+    def __init__(self, miner: Hotkey, *, max_skew_s: float = 5, idle_timeout_s: float = 10,
+                 validator_hotkey: str | None = None, volumes_dir: Path | None = None,
+                 volume_max_bytes: int = 64 * 2**20) -> None:
         self.miner = miner
         self.max_skew_s = max_skew_s
         self.idle_timeout_s = idle_timeout_s
+        self.validator_hotkey = validator_hotkey
+        self.volumes_dir = volumes_dir
+        self.volume_max_bytes = volume_max_bytes
         self.jobs: dict[str, JobRoute] = {}
         self.nonces = MemoryNonces(keep_s=4 * max_skew_s + 60)
         self._session: aiohttp.ClientSession | None = None  # made in the server's event loop
         self.app = Starlette(routes=[
+            Route("/jobs/{job_id}/receipts", self.receipts_page, methods=["GET"]),
             Route("/jobs/{job_id}/receipts/{request_id}", self.receipt, methods=["GET"]),
+            Route("/jobs/{job_id}/volume/{name}", self.put_file, methods=["PUT"]),
             Route("/jobs/{job_id}/{rest:path}", self.forward, methods=["GET", "POST"]),
         ], lifespan=self._lifespan)
 
@@ -77,6 +101,80 @@ class MinerProxy:
     def add_job(self, route: JobRoute) -> None:
         self.jobs[route.job_id] = route
 
+    def end_job(self, job_id: str, reason: str) -> None:
+        """The job is over (terminated, time limit, node lost): refuse new requests, end open
+        streams with an error. Its receipts stay available to validators."""
+        job = self.jobs.get(job_id)
+        if job is not None and job.ended is None:
+            job.ended = reason
+
+    def end_all(self, reason: str) -> None:
+        for job_id in list(self.jobs):
+            self.end_job(job_id, reason)
+
+    def _job(self, job_id: str) -> JobRoute:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise Refused("unknown_job", f"no streaming job {job_id} on this miner", status_code=404)
+        if job.ended is not None:
+            raise Refused("job_ended", f"streaming job {job_id} has ended: {job.ended}", status_code=410)
+        return job
+
+    async def put_file(self, request: Request) -> Response:
+        """A file for the job's volume, sent through the miner (signed like any request)."""
+        name = request.path_params["name"]
+        try:
+            job = self._job(request.path_params["job_id"])
+            if self.volumes_dir is None:
+                raise Refused("no_volume", "this proxy keeps no volumes for streaming jobs", status_code=404)
+            if not _FILE_NAME.match(name):
+                raise Refused("bad_file_name", f"file name {name[:80]!r} must match {_FILE_NAME.pattern}",
+                              status_code=400)
+            size = int(request.headers.get("content-length") or 0)
+            if size > self.volume_max_bytes:
+                raise Refused("file_too_large", f"{size} bytes; this miner takes files up to "
+                              f"{self.volume_max_bytes} bytes", status_code=413)
+            body = await request.body()
+            if len(body) > self.volume_max_bytes:
+                raise Refused("file_too_large", f"{len(body)} bytes; this miner takes files up to "
+                              f"{self.volume_max_bytes} bytes", status_code=413)
+            check_request(request.headers, body, method="PUT", path=request.url.path, job_id=job.job_id,
+                          client_keys=job.client_keys, nonces=self.nonces, max_skew_s=self.max_skew_s)
+        except Refused as exc:
+            return _error(exc.reason, exc.message, exc.status_code or 403)
+        folder = self.volumes_dir / job.job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{name}.part"
+        tmp.write_bytes(body)
+        os.chmod(tmp, 0o644)
+        tmp.replace(folder / name)  # the job never sees half a file
+        return JSONResponse({"name": name, "size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+
+    async def receipts_page(self, request: Request) -> Response:
+        """Receipts and both bodies in ``seq`` order, for the validator this miner joined."""
+        auth = request.headers.get("authorization", "")
+        try:
+            if self.validator_hotkey is None:
+                raise Refused("no_validator", "this proxy serves receipt pages to no validator", status_code=403)
+            if not auth.startswith("Rayhorde "):
+                raise Refused("unsigned", "send Authorization: Rayhorde <receipts_pull envelope signed by the "
+                              "validator>", status_code=401)
+            env = SignedEnvelope.from_token(auth[len("Rayhorde "):].strip())
+            pull = ReceiptsPull.model_validate(open_envelope(env, kind="receipts_pull", max_skew_s=self.max_skew_s,
+                                                             signers=[self.validator_hotkey], guard=self.nonces))
+        except Refused as exc:
+            return _error(exc.reason, exc.message, exc.status_code or 403)
+        except ValueError as exc:
+            return _error("malformed", f"not a receipts_pull envelope: {exc}", 400)
+        job = self.jobs.get(request.path_params["job_id"])
+        if job is None or pull.job_id != job.job_id:
+            return _error("not_found", "no such job on this miner, or the envelope names another", 404)
+        kept = sorted(job.receipts.values(), key=lambda k: k["receipt"]["body"]["seq"])
+        page = [k for k in kept if k["receipt"]["body"]["seq"] > pull.after_seq][:pull.limit]
+        return JSONResponse({"job_id": job.job_id, "receipts": [
+            {"receipt": k["receipt"], "request_b64": base64.b64encode(k["request"]).decode(),
+             "response_b64": base64.b64encode(k["response"]).decode()} for k in page]})
+
     async def receipt(self, request: Request) -> Response:
         job = self.jobs.get(request.path_params["job_id"])
         kept = job.receipts.get(request.path_params["request_id"]) if job else None
@@ -85,12 +183,10 @@ class MinerProxy:
         return JSONResponse(kept["receipt"])
 
     async def forward(self, request: Request) -> Response:
-        job = self.jobs.get(request.path_params["job_id"])
-        if job is None:
-            return _error("unknown_job", f"no streaming job {request.path_params['job_id']} on this miner", 404)
         body = await request.body()
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
+            job = self._job(request.path_params["job_id"])
             env = check_request(request.headers, body, method=request.method, path=path, job_id=job.job_id,
                                 client_keys=job.client_keys, nonces=self.nonces, max_skew_s=self.max_skew_s)
         except Refused as exc:
@@ -122,12 +218,27 @@ class MinerProxy:
         sent = bytearray()
         buf = b""
         chunks = resp.content.iter_any()
+        nxt: asyncio.Task | None = None
         try:
             while True:
+                nxt = nxt or asyncio.ensure_future(chunks.__anext__())
+                idle = 0.0
+                while not nxt.done():  # wait for the next chunk, looking at the job's state meanwhile
+                    await asyncio.wait({nxt}, timeout=_POLL_S)
+                    idle += _POLL_S
+                    if job.ended is not None and not nxt.done():
+                        yield _error_event("job_ended", f"the streaming job ended: {job.ended}")
+                        return
+                    if idle >= self.idle_timeout_s and not nxt.done():
+                        log.warning("stream %s idle for %.1f s: closing it", request_id, self.idle_timeout_s)
+                        yield _error_event("idle_timeout", f"the job sent nothing for {self.idle_timeout_s:g} s "
+                                           "(idle timeout)")
+                        return
                 try:
-                    chunk = await asyncio.wait_for(chunks.__anext__(), timeout=self.idle_timeout_s)
+                    chunk = nxt.result()
                 except StopAsyncIteration:
                     break
+                nxt = None
                 buf += chunk
                 while b"\n\n" in buf:  # whole SSE events only, so the trailer is never split
                     event, buf = buf.split(b"\n\n", 1)
@@ -140,13 +251,14 @@ class MinerProxy:
                         return
                     sent += event
                     yield event
-            yield b": error the job ended the stream without a receipt\n\n"
-        except asyncio.TimeoutError:
-            log.warning("stream %s idle for %.1f s: closing it", request_id, self.idle_timeout_s)
-            yield f": error the job sent nothing for {self.idle_timeout_s:g} s (idle timeout)\n\n".encode()
+            yield _error_event("no_receipt", "the job ended the stream without a receipt")
+        except asyncio.TimeoutError:  # aiohttp's own read timeout (sock_read = the idle timeout)
+            yield _error_event("idle_timeout", f"the job sent nothing for {self.idle_timeout_s:g} s (idle timeout)")
         except (aiohttp.ClientError, ValueError) as exc:
-            yield f": error the stream from the job failed: {exc!r}\n\n".encode()
+            yield _error_event("job_unreachable", f"the stream from the job failed: {exc!r}")
         finally:
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
             resp.release()
 
     def _countersign(self, job: JobRoute, half_b64, request_id: str, out: bytes) -> Receipt:
@@ -166,6 +278,13 @@ class MinerProxy:
 
 def _error(reason: str, message: str, status: int) -> JSONResponse:
     return JSONResponse({"error": {"reason": reason, "message": message}}, status)
+
+
+def _error_event(reason: str, message: str) -> bytes:
+    """Ends a broken stream: a comment for people, then an error event the ``openai`` client raises
+    on (it reads ``data: {"error": {"message", ...}}`` as an API error). No receipt follows."""
+    err = {"error": {"reason": reason, "type": reason, "message": message}}
+    return f": error {message}\n\ndata: {json.dumps(err)}\n\n".encode()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from cluster._private.protocol import ChallengeRequest
 from cluster._private.validator.service import ValidatorCore
 from cluster.errors import InvalidSpec, Refused, SignatureRejected
 from jobs._private.models import JobSpec
+from serve_apps._private.models import StreamSpec
 
 
 def _signed(body: Any) -> SignedEnvelope:
@@ -94,7 +95,40 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.post("/v1/heartbeat")
     def heartbeat(body: dict[str, Any]) -> dict[str, Any]:
-        return {"ok": True, "kill_tickets": core.heartbeat(_signed(body))}
+        env = _signed(body)
+        kill = core.heartbeat(env)  # checks the envelope: env.signer is the miner from here on
+        return {"ok": True, "kill_tickets": kill,
+                "streams": [a.model_dump(mode="json") for a in core.streams.assigned(env.signer)]}
+
+    @app.post("/v1/streams")
+    def stream_deploy(spec: dict[str, Any], authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        cap = core.check_capability(_bearer(authorization))
+        try:
+            parsed = StreamSpec.model_validate(spec)
+        except ValidationError as exc:
+            raise InvalidSpec(_describe(exc).replace("job spec", "stream spec")) from exc
+        return core.streams.deploy(cap, parsed).model_dump(mode="json")
+
+    @app.get("/v1/streams")
+    def stream_list(authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
+        cap = core.check_capability(_bearer(authorization))
+        return [v.model_dump(mode="json") for v in core.streams.list(cap)]
+
+    @app.get("/v1/streams/{job_id}")
+    def stream_get(job_id: str, wait_s: float = 0, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """``wait_s``: long-poll up to that many seconds (max 30) until the stream is ready or ended."""
+        cap = core.check_capability(_bearer(authorization))
+        return core.streams.get(cap, job_id, wait_s=wait_s).model_dump(mode="json")
+
+    @app.post("/v1/streams/{job_id}/terminate")
+    def stream_terminate(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        cap = core.check_capability(_bearer(authorization))
+        return core.streams.terminate(cap, job_id).model_dump(mode="json")
+
+    @app.post("/v1/streams/{job_id}/ready")
+    def stream_ready(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        core.streams.ready(job_id, _signed(body))
+        return {"ok": True}
 
     @app.post("/v1/capabilities")
     def capability(body: dict[str, Any]) -> dict[str, Any]:

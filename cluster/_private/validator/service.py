@@ -33,6 +33,8 @@ from cluster._private.protocol import (
 )
 from cluster._private.settings import ValidatorSettings, load_executor_classes
 from cluster._private.validator import store as db
+from cluster._private.validator.serve_rest import ServeRest
+from cluster._private.validator.streams import StreamDesk
 from cluster._private.version import local_versions
 from cluster._private.miner.images import ImagePolicy
 from cluster.errors import (
@@ -62,6 +64,11 @@ class ValidatorCore:
         self._alloc = threading.Lock()
         self._changed = threading.Condition()  # wakes long-polling readers when a job changes
         self._stop = threading.Event()
+        serve = None
+        if settings.deploy_streams:
+            serve = ServeRest(settings.dashboard_url(), ray_token, http_port=settings.resolved_serve_http_port(),
+                              request_timeout_s=settings.serve_request_timeout_s)
+        self.streams = StreamDesk(self, serve)
 
     # ------------------------------------------------------------------ helpers
     def _open(self, env: SignedEnvelope, kind: str, signers: list[str] | None = None) -> dict[str, Any]:
@@ -130,15 +137,20 @@ class ValidatorCore:
         with self._alloc, self.engine.begin() as conn:
             for t in self._active_tickets(conn, miner):  # a restarted agent lost whatever it ran
                 self._retire(conn, t, reason="agent_restarted", charged=True)
+            ended = self.streams.miner_lost(conn, miner, reason="agent_restarted", charged=True)
             conn.execute(db.miners.delete().where(db.miners.c.hotkey == miner))
             conn.execute(db.miners.insert().values(hotkey=miner, admitted_ns=now, executor_classes=req.executor_classes,
                                                    proxy_url=req.proxy_url, versions=req.versions, node_id=None,
                                                    last_heartbeat_ns=now, jobs_done=0))
+        if ended:
+            self.streams.reconcile()
+            self._notify()
         resources = {miner_resource(miner): 1.0}
         resources.update({executor_resource(c): float(n) for c, n in req.executor_classes.items()})
         return JoinAccepted(gcs_address=self.settings.gcs_address(), ray_token=self.ray_token, resources=resources,
                             heartbeat_interval_s=self.settings.heartbeat_interval_s,
-                            validator_hotkey=self.hotkey.ss58)
+                            validator_hotkey=self.hotkey.ss58,
+                            serve_http_port=self.settings.resolved_serve_http_port())
 
     def _check_eligible(self, miner: str) -> None:
         mg = self.chain.metagraph(self.settings.netuid)
@@ -168,7 +180,10 @@ class ValidatorCore:
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer).values(node_id=None))
             for t in self._active_tickets(conn, env.signer):
                 self._retire(conn, t, reason="ray_node_lost", charged=False, evidence=env.model_dump_json())
+            self.streams.miner_lost(conn, env.signer, reason="ray_node_lost", charged=False,
+                                    evidence=env.model_dump_json())
             self._dispatch(conn)
+        self.streams.reconcile()  # the dead node's apps leave Serve's config
         self._notify()
 
     def heartbeat(self, env: SignedEnvelope) -> list[str]:
@@ -383,6 +398,7 @@ class ValidatorCore:
             changed += self._dispatch(conn)
         if changed:
             self._notify()
+        self.streams.sweep()
 
     def start_sweeper(self) -> threading.Thread:
         def loop() -> None:
@@ -408,6 +424,9 @@ class ValidatorCore:
             busy = conn.execute(sa.select(sa.func.count()).select_from(db.tickets).where(
                 db.tickets.c.miner_hotkey == m.hotkey, db.tickets.c.executor_class == executor_class,
                 db.tickets.c.active.is_(True))).scalar_one()
+            busy += conn.execute(sa.select(sa.func.count()).select_from(db.streams).where(  # a stream holds one too
+                db.streams.c.miner_hotkey == m.hotkey, db.streams.c.executor_class == executor_class,
+                db.streams.c.status.in_((JobStatus.accepted.value, JobStatus.streaming_ready.value)))).scalar_one()
             offered += n
             if n - busy > 0 and m.hotkey not in exclude:
                 total_free += n - busy

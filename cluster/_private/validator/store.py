@@ -149,6 +149,21 @@ job_events = sa.Table(
     sa.Column("detail", Text, nullable=False, default=""),
     sa.Column("evidence", Text, nullable=True),
 )
+streams = sa.Table(  # streaming jobs (issue 4); their history lives in job_events under the same id
+    "streams", metadata,
+    sa.Column("id", String, primary_key=True),
+    sa.Column("capability_id", String, nullable=False),
+    sa.Column("user_hotkey", String, nullable=False, index=True),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("executor_class", String, nullable=False),
+    sa.Column("status", String, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+    sa.Column("miner_hotkey", String, nullable=True, index=True),
+    sa.Column("deadline_ns", sa.BigInteger, nullable=True),
+    sa.Column("serve_app", sa.JSON, nullable=True),  # the application entry sent to Serve's REST API
+    sa.Column("ready_envelope", Text, nullable=True),  # the miner-signed readiness, verbatim
+    sa.Column("failure", sa.JSON, nullable=True),
+)
 
 
 def open_engine(url: str) -> sa.Engine:
@@ -204,8 +219,7 @@ def _initial_tables(conn: sa.Connection) -> None:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial tables", _initial_tables),
-    # Migration(2, "...", _add_something),  -- see the module docstring (no schema has been
-    # released yet, so columns added before the first release live in step 1)
+    Migration(2, "streaming jobs", lambda conn: streams.create(conn, checkfirst=True)),
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations
