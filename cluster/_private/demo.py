@@ -1,6 +1,8 @@
 """``rayhorde demo`` (what ``make demo`` runs): a local validator and two miners run the peer
 system's hello-world job, a failing job, and ``examples/hello.py`` through the real
-``ray job submit`` CLI; then everything is shut down and checked to be gone."""
+``ray job submit`` CLI, then two streaming jobs (the echo app; the LLM app through the
+``openai`` client), every answer's receipt verified; then everything is shut down and checked
+to be gone."""
 
 from __future__ import annotations
 
@@ -49,6 +51,61 @@ def ray_job_submit(state: dict, capability: str, script: str) -> subprocess.Comp
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
 
 
+def _streaming_step(state: dict, cap: str) -> bool:
+    from serve_apps import SigningKey, StreamSpec, Streams
+
+    key = SigningKey()
+    streams = Streams(state["validator_url"], cap)
+    t0 = time.monotonic()
+    job = streams.deploy(StreamSpec(app="echo", version="1", client_keys=[key.public]))
+    ready = job.wait_ready(timeout_s=120)
+    click.echo(f"  stream    {job.job_id} on miner {job.view.miner_hotkey} ready in {time.monotonic() - t0:.1f} s")
+    click.echo(f"  readiness job key {ready.job_key.public[:16]}..., proxy {ready.proxy_url} (signed by the miner)")
+    buffered = job.call(key, "/echo", b'{"hello": "stream"}')
+    streamed = job.call(key, "/echo?stream=1", b"0123456789" * 10)
+    for name, a in (("buffered", buffered), ("streamed", streamed)):
+        r = a.receipt
+        click.echo(f"  {name:<9} {a.content[:48]!r}... receipt seq {r.seq} verified: job + miner signatures, "
+                   f"input/output sha256, chain, clock ({(r.t_to - r.t_from) / 1e6:.1f} ms in the job)")
+    job.put_file(key, "notes.txt", b"sent through the miner\n")
+    seen = job.call(key, "/volume", b'{"name": "notes.txt"}')
+    click.echo(f"  volume    the job reads back {json.loads(seen.content)['content']!r}")
+    end = job.terminate()
+    click.echo(f"  terminate {end.status.value}")
+    streams.close()
+    return (buffered.receipt is not None and streamed.receipt is not None and streamed.receipt.seq == buffered.receipt.seq + 1
+            and end.status.value == "completed")
+
+
+def _llm_step(state: dict, cap: str) -> bool:
+    from serve_apps import SigningKey, StreamSpec, Streams
+
+    key = SigningKey()
+    streams = Streams(state["validator_url"], cap)
+    t0 = time.monotonic()
+    job = streams.deploy(StreamSpec(app="llm", version="1", client_keys=[key.public]))
+    ready = job.wait_ready(timeout_s=600)
+    click.echo(f"  stream    {job.job_id} ready in {time.monotonic() - t0:.1f} s, weights {ready.weights_sha256[:16]}... "
+               "(the whitelisted digest)")
+    llm = job.openai(key)
+    model = llm.models.list().data[0].id
+    messages = [{"role": "user", "content": "What is the capital of France? One word."}]
+    t0 = time.monotonic()
+    chunks = list(llm.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=16,
+                                              stream=True))
+    text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
+    ids = [t for c in chunks for ch in c.choices for t in (ch.model_extra or {}).get("token_ids", [])]
+    click.echo(f"  streamed  {text!r} ({len(ids)} tokens in {time.monotonic() - t0:.1f} s); receipt verified")
+    sampled = llm.chat.completions.create(model=model, messages=messages, temperature=0.8, max_tokens=16)
+    click.echo(f"  sampled   {sampled.choices[0].message.content!r} (T=0.8, keyed by the signed request); "
+               "receipt verified")
+    receipts = len(job.log.by_seq)
+    click.echo(f"  receipts  {receipts} verified and chained (models list, streamed, sampled)")
+    job.terminate()
+    streams.close()
+    return receipts == 3 and bool(text)
+
+
 def run_demo(home: Path) -> int:
     from cluster.cli import _user_capability, print_view, run_job
 
@@ -78,6 +135,12 @@ def run_demo(home: Path) -> int:
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("job ", "artifact "))]
         click.echo("\n".join(f"  {ln}" for ln in lines) or done.stdout[-2000:] + done.stderr[-2000:])
         ok &= done.returncode == 0 and any("Hello, rayhorde!" in ln for ln in lines)
+
+        click.echo("\n== 4. a streaming job: the echo app on a miner, behind its proxy, every answer signed")
+        ok &= _streaming_step(state, _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600))
+
+        click.echo("\n== 5. the LLM app (vLLM on the miner's node) through the official openai client")
+        ok &= _llm_step(state, _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600))
     except Exception as exc:  # still shut down and report
         click.echo(f"demo step failed: {exc!r}", err=True)
         ok = False

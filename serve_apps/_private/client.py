@@ -35,6 +35,9 @@ from serve_apps._private.models import READY_KIND, StreamReady, StreamSpec, Stre
 from serve_apps._private.receipts import RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptInvalid, split_sse, verify_receipt
 
 
+_DONE = b"data: [DONE]"
+
+
 class StreamFailed(ServiceUnavailable):
     """The streaming job ended (or never became ready): ``view`` says how."""
 
@@ -124,10 +127,25 @@ class _VerifiedStream(httpx.SyncByteStream):
         self.body: ReceiptBody | None = None
 
     def __iter__(self) -> Iterator[bytes]:
+        # The openai client stops reading at "data: [DONE]" and closes the response, so the
+        # receipt line after it would never be read: once [DONE] arrives, read to the end and
+        # verify BEFORE handing [DONE] on (a bad receipt raises while the caller iterates).
         got = bytearray()
-        for chunk in self.resp.iter_raw():
+        raw = iter(self.resp.stream)  # raw bytes (a tampering test transport hands back a read response)
+        for chunk in raw:
+            start = len(got)
             got += chunk
-            yield chunk
+            if _DONE not in got[max(0, start - len(_DONE)):]:
+                yield chunk
+                continue
+            for rest in raw:
+                got += rest
+            self._verify(got)
+            yield bytes(got[start:])
+            return
+        self._verify(got)
+
+    def _verify(self, got: bytearray) -> None:
         t_received = self.t.clock()
         content, receipt = split_sse(bytes(got))  # ReceiptInvalid("missing") when the stream broke off
         self.body = self.t.verify(receipt, self.sent, content, self.t_sent, t_received)

@@ -57,8 +57,9 @@ class Whitelist(BaseModel):
         except (tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
             raise ConfigError(f"app whitelist {path} is malformed: {exc}") from exc
 
-    def check(self, name: str, version: str, *, weights: Path | None = None) -> WhitelistEntry:
-        """The entry for ``name`` at ``version``; with ``weights``, their digest must be the pinned one."""
+    def entry(self, name: str, version: str) -> WhitelistEntry:
+        """The entry for ``name`` at ``version`` (validator-core, at deploy time: the weights live
+        on the miner, and the app checks them against ``weights_sha256`` before it starts)."""
         entry = next((e for e in self.apps if e.name == name), None)
         if entry is None:
             raise AppRefused("app_not_whitelisted", f"app {name!r} is not on the whitelist; whitelisted: "
@@ -66,6 +67,11 @@ class Whitelist(BaseModel):
         if entry.version != version:
             raise AppRefused("app_not_whitelisted", f"app {name!r} version {version!r} is not whitelisted; the "
                              f"whitelist pins {entry.version!r}", status_code=403)
+        return entry
+
+    def check(self, name: str, version: str, *, weights: Path | None = None) -> WhitelistEntry:
+        """The entry for ``name`` at ``version``, with ``weights`` checked against its pinned digest."""
+        entry = self.entry(name, version)
         if entry.weights_sha256 is not None:
             if weights is None:
                 raise AppRefused("weights_digest_mismatch", f"app {name!r} needs its weights checked against "

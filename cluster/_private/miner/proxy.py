@@ -285,31 +285,3 @@ def _error_event(reason: str, message: str) -> bytes:
     on (it reads ``data: {"error": {"message", ...}}`` as an API error). No receipt follows."""
     err = {"error": {"reason": reason, "type": reason, "message": message}}
     return f": error {message}\n\ndata: {json.dumps(err)}\n\n".encode()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run a proxy for fixed jobs: ``python -m cluster._private.miner.proxy --port P --miner-uri //Bob
-    --job '{"job_id": ..., "upstream": ..., "client_keys": [...], "job_key": {...}}'`` (benchmarks;
-    the agent will run it in-process for the jobs validator-core places on it)."""
-    import argparse
-    import json
-
-    import uvicorn
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--miner-uri", required=True)
-    ap.add_argument("--job", action="append", default=[])
-    ap.add_argument("--idle-timeout-s", type=float, default=10)
-    args = ap.parse_args(argv)
-    proxy = MinerProxy(Hotkey.from_uri(args.miner_uri), idle_timeout_s=args.idle_timeout_s)
-    for raw in args.job:
-        spec = json.loads(raw)
-        proxy.add_job(JobRoute(job_id=spec["job_id"], upstream=spec["upstream"],
-                               client_keys=[PublicKey.model_validate(k) for k in spec["client_keys"]],
-                               job_key=PublicKey.model_validate(spec["job_key"])))
-    uvicorn.run(proxy.app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
-
-
-if __name__ == "__main__":
-    main()

@@ -69,8 +69,13 @@ class ServeRest:
         except (httpx.HTTPError, ValueError) as exc:
             raise ServiceUnavailable(f"Serve REST {self.url} did not answer: {exc!r}") from exc
         apps = body.get("applications") or {}
-        return {name: {"status": str(a.get("status", "")), "message": str(a.get("message", ""))[:2000]}
-                for name, a in apps.items()}
+        out = {}
+        for name, a in apps.items():
+            # the application's message is a summary; the replica's error is in its deployment's
+            parts = [str(a.get("message", ""))] + [str(d.get("message", "")) for d in
+                                                   (a.get("deployments") or {}).values() if d.get("message")]
+            out[name] = {"status": str(a.get("status", "")), "message": " | ".join(p for p in parts if p)[-4000:]}
+        return out
 
     def close(self) -> None:
         self._http.close()

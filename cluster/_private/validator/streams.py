@@ -58,7 +58,7 @@ class StreamDesk:
 
     # ------------------------------------------------------------------ client side
     def deploy(self, cap: "Capability", spec: StreamSpec) -> StreamView:
-        entry = self.whitelist.check(spec.app, spec.version)  # AppRefused: app_not_whitelisted
+        entry = self.whitelist.entry(spec.app, spec.version)  # AppRefused: app_not_whitelisted
         unknown = sorted(set(spec.options) - set(entry.options))
         if unknown:
             raise InvalidSpec(f"app {spec.app} does not take options {unknown}; it takes {entry.options or 'none'}")
@@ -212,9 +212,8 @@ class StreamDesk:
                             statuses = {}
                     st = (statuses or {}).get(s.id, {})
                     if st.get("status") == "DEPLOY_FAILED":
-                        reason = "weights_digest_mismatch" if "weights_digest_mismatch" in st["message"] \
-                            else "executor_spinup_failed"
-                        self._end(conn, s, JobStatus.horde_failed, f"the app failed to start: {st['message'][:500]}",
+                        reason, why = _deploy_failure(st["message"])
+                        self._end(conn, s, JobStatus.horde_failed, f"the app failed to start: {why}",
                                   failure_reason=reason)
                     elif now - s.created_ns > self.settings.stream_deploy_timeout_s * NS:
                         self._end(conn, s, JobStatus.horde_failed, f"not ready within "
@@ -239,6 +238,15 @@ class StreamDesk:
             self.serve.apply(apps)
         except ServiceUnavailable as exc:  # the next sweep tries again
             log.warning("could not update Serve: %s", exc)
+
+
+def _deploy_failure(message: str) -> tuple[str, str]:
+    """(reason, the telling line) from Serve's DEPLOY_FAILED message (summary + tracebacks)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "weights_digest_mismatch" in ln:
+            return "weights_digest_mismatch", ln[-500:]
+    return "executor_spinup_failed", (lines[-1] if lines else "no message")[-500:]
 
 
 def _view(s: sa.Row, events: list[sa.Row]) -> StreamView:

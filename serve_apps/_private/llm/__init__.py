@@ -1,0 +1,10 @@
+"""The LLM app's internals (DESIGN §2, §3, §6).
+
+- ``model``: the whitelisted model source turned once into an fp32 Hugging Face folder.
+- ``gumbel``: keyed Gumbel sampling, version 1 (a wire-level contract with verifiers).
+- ``engine``: the :class:`InferenceEngine` interface; ``vllm_engine`` and ``transformers_engine``
+  implement it; ``vllm_processor`` is the keyed sampler inside vLLM.
+- ``openai_api``: the OpenAI-compatible request models and answers.
+
+Nothing here imports vLLM or torch at import time; each engine module does when it is used.
+"""
