@@ -148,7 +148,7 @@ def llm_proxy_benchmark(streams, serve_url: str) -> None:
     try:
         job.wait_ready(timeout_s=600)
         direct, via = serve_url + job.view.route_prefix, job.base_url
-        body = json.dumps({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 16,
+        body = json.dumps({"model": "smollm2-135m-instruct-fp32", "temperature": 0, "max_tokens": 16,
                            "messages": [{"role": "user", "content": "Name three colours."}]}).encode()
         clients = {b: httpx.Client(base_url=b, auth=RequestSigner(client, job.job_id), timeout=120)
                    for b in (direct, via)}
