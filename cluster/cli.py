@@ -267,6 +267,28 @@ stream_cli.register(main, home_option=home_option, user_options=user_options, wi
                     stack_state=_stack_state, home_dir=_home, capability=_user_capability)
 
 
+@main.command("verify-proof")
+@click.argument("proof_path", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model-dir", default=None, help="the whitelisted model folder (default: built from its source)")
+@click.option("--no-rescore", is_flag=True, help="check signatures and hashes only, not the model's side")
+def verify_proof(proof_path: str, model_dir: str | None, no_rescore: bool) -> None:
+    """Check an exported verification proof: every signature, every hash, and (with the model)
+    that re-scoring the answer gives the same verdict. Exit 0 only if all of it holds."""
+    from cluster._private.verification.proof import ProofInvalid, check_proof, rescorer
+
+    raw = Path(proof_path).read_bytes()
+    try:
+        proof = check_proof(raw, rescore=None if no_rescore else rescorer(model_dir))
+    except ProofInvalid as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    v = proof.verdict
+    where = f" at position {v.position}" if v.position is not None else ""
+    click.echo(f"proof verified: request {v.request_id[:16]}... of job {v.job_id} by miner {v.miner_hotkey}: "
+               f"{'ok' if v.ok else v.reason}{where} (margin {proof.margin:g}, weights {proof.weights_sha256[:16]}..., "
+               f"signed by validator {proof.validator}){'' if no_rescore else '; re-scored with the model'}")
+
+
 @main.command()
 @home_option
 def demo(home: str | None) -> None:

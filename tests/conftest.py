@@ -83,7 +83,8 @@ def stack(engine, hub, tmp_path_factory) -> Stack:
     whitelist.write_text((REPO / "configs/serve_apps.toml").read_text() + WRONG_WEIGHTS_ENTRY)
     local = LocalStack(home, miners=2, executors_per_miner=2, miner_env={"RAYHORDE_MINER_HF_ENDPOINT": hub.url},
                        validator_env={"RAYHORDE_VALIDATOR_IMAGE_DENY": json.dumps(["*/denied/*", "denied/*"]),
-                                      "RAYHORDE_VALIDATOR_WHITELIST_PATH": str(whitelist)})
+                                      "RAYHORDE_VALIDATOR_WHITELIST_PATH": str(whitelist),
+                                      "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1"})
     state = local.up()
     try:
         token = Path(state["token_path"]).read_text().strip()

@@ -23,7 +23,6 @@ import httpx
 
 from cluster._private import ray_node
 from cluster._private.settings import REPO_ROOT, ValidatorSettings, _parse_env, load_settings
-from cluster._private.validator.main import read_or_create_token
 
 DEV_MINER_URIS = ["//Bob", "//Charlie", "//Eve", "//Ferdie"]
 
@@ -112,6 +111,9 @@ class LocalStack:
         venv.update(self.validator_env)
         vsettings = load_settings(ValidatorSettings, self.validator_config, env_prefix="__unused__",
                                   **{k.removeprefix("RAYHORDE_VALIDATOR_").lower(): _parse_env(v) for k, v in venv.items()})
+        from cluster._private.validator.main import read_or_create_token  # not at import: `import cluster`
+        # must not load validator-core (it imports serve_apps, which imports cluster)
+
         token = read_or_create_token(vsettings.token_path())
         ports = ray_node.HeadPorts.from_base(base)
         state: dict[str, Any] = {"home": str(self.home), "validator_url": vsettings.url,

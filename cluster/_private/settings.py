@@ -92,6 +92,17 @@ class ValidatorSettings(BaseModel):
     serve_request_timeout_s: float = Field(gt=0, default=600)  # cluster-wide: above the longest request
     stream_max_duration_s: float = Field(gt=0, default=24 * 3600)
     stream_deploy_timeout_s: float = Field(gt=0, default=300)
+    # verification (issue 5): collect every answer's receipt, verify a sample on the private cluster
+    verify_interval_s: float = Field(gt=0, default=5)  # how often answers are pulled from miners' proxies
+    verify_fraction: float = Field(ge=0, le=1, default=0.1)  # of collected answers sent to the verifiers
+    verify_batch_min: int = Field(gt=0, default=16)  # a GPU start is worth this many answers...
+    verify_batch_max_age_s: float = Field(gt=0, default=600)  # ...or an answer this old
+    verify_batch_max: int = Field(gt=0, default=64)
+    verify_margin: float = Field(ge=0, default=0.05)  # logprob margin, calibrated on honest answers
+    verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
+    verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
+    verification_address: str | None = None  # GCS address of the private verification cluster; None: off
+    verifier_factory: str = "cluster._private.verification.verifier:from_settings"
 
     @property
     def url(self) -> str:

@@ -39,7 +39,7 @@ from cluster._private.envelope import SignedEnvelope, open_envelope
 from cluster._private.identity import Hotkey
 from cluster._private.protocol import ReceiptsPull
 from cluster.errors import Refused
-from serve_apps._private.client_envelope import MemoryNonces, check_request
+from serve_apps._private.client_envelope import REQUEST_HEADER, SIGNATURE_HEADER, MemoryNonces, check_request
 from serve_apps._private.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, parse_job_half
 from serve_apps._private.keys import PublicKey
 from serve_apps._private.receipts import RECEIPT_HEADER, SSE_PREFIX, Receipt, miner_countersign
@@ -171,9 +171,10 @@ class MinerProxy:
             return _error("not_found", "no such job on this miner, or the envelope names another", 404)
         kept = sorted(job.receipts.values(), key=lambda k: k["receipt"]["body"]["seq"])
         page = [k for k in kept if k["receipt"]["body"]["seq"] > pull.after_seq][:pull.limit]
+        b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
         return JSONResponse({"job_id": job.job_id, "receipts": [
-            {"receipt": k["receipt"], "request_b64": base64.b64encode(k["request"]).decode(),
-             "response_b64": base64.b64encode(k["response"]).decode()} for k in page]})
+            {"receipt": k["receipt"], "request_b64": b64(k["request"]), "response_b64": b64(k["response"]),
+             "envelope_b64": b64(k["envelope"]), "client_sig": k["client_sig"]} for k in page]})
 
     async def receipt(self, request: Request) -> Response:
         job = self.jobs.get(request.path_params["job_id"])
@@ -210,11 +211,12 @@ class MinerProxy:
                 receipt = self._countersign(job, resp.headers[JOB_RECEIPT_HEADER], env.request_id, out)
             except (KeyError, ValueError) as exc:
                 return _error("receipt_failed", f"the job's receipt does not bind its answer: {exc}", 502)
-            self._keep(job, env.request_id, receipt, body, out)
+            self._keep(job, env.request_id, receipt, body, out, request.headers)
             return Response(out, resp.status, media_type=ctype or None, headers={RECEIPT_HEADER: receipt.to_b64()})
-        return StreamingResponse(self._stream(job, resp, env.request_id, body), media_type="text/event-stream")
+        return StreamingResponse(self._stream(job, resp, env.request_id, body, request.headers),
+                                 media_type="text/event-stream")
 
-    async def _stream(self, job: JobRoute, resp: aiohttp.ClientResponse, request_id: str, body: bytes):
+    async def _stream(self, job: JobRoute, resp: aiohttp.ClientResponse, request_id: str, body: bytes, headers):
         sent = bytearray()
         buf = b""
         chunks = resp.content.iter_any()
@@ -246,7 +248,7 @@ class MinerProxy:
                     if event.startswith(SSE_JOB_PREFIX):
                         receipt = self._countersign(job, event[len(SSE_JOB_PREFIX):].strip(), request_id,
                                                     bytes(sent))
-                        self._keep(job, request_id, receipt, body, bytes(sent))
+                        self._keep(job, request_id, receipt, body, bytes(sent), headers)
                         yield SSE_PREFIX + receipt.to_b64().encode() + b"\n\n"
                         return
                     sent += event
@@ -272,8 +274,13 @@ class MinerProxy:
             raise ValueError("job signature does not verify")
         return miner_countersign(self.miner, body, job_sig)
 
-    def _keep(self, job: JobRoute, request_id: str, receipt: Receipt, body: bytes, out: bytes) -> None:
-        job.receipts[request_id] = {"receipt": receipt.model_dump(mode="json"), "request": body, "response": out}
+    def _keep(self, job: JobRoute, request_id: str, receipt: Receipt, body: bytes, out: bytes, headers) -> None:
+        """Everything a validator needs to check the answer without trusting this miner: the
+        client-signed envelope (its sha256 is the request id and the sampling key), both bodies
+        and the receipt."""
+        job.receipts[request_id] = {"receipt": receipt.model_dump(mode="json"), "request": body, "response": out,
+                                    "envelope": base64.b64decode(headers[REQUEST_HEADER]),
+                                    "client_sig": headers[SIGNATURE_HEADER]}
 
 
 def _error(reason: str, message: str, status: int) -> JSONResponse:

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from cluster._private.envelope import SignedEnvelope
@@ -124,6 +124,16 @@ def build_app(core: ValidatorCore) -> FastAPI:
     def stream_terminate(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         cap = core.check_capability(_bearer(authorization))
         return core.streams.terminate(cap, job_id).model_dump(mode="json")
+
+    @app.get("/v1/streams/{job_id}/verdicts/{request_id}/proof")
+    def stream_proof(job_id: str, request_id: str, authorization: str | None = Header(default=None)) -> Response:
+        """The self-contained proof of one verdict (``rayhorde verify-proof`` checks it)."""
+        cap = core.check_capability(_bearer(authorization))
+        core.streams.get(cap, job_id)  # the job's owner only (its bodies are the user's)
+        claim, _, _ = core.verification.verdict(request_id)
+        if claim is None or claim.job_id != job_id:
+            raise Refused("not_found", f"no verdict for request {request_id} of job {job_id}", status_code=404)
+        return Response(core.verification.proof(request_id), media_type="application/json")
 
     @app.post("/v1/streams/{job_id}/ready")
     def stream_ready(job_id: str, body: dict[str, Any]) -> dict[str, Any]:

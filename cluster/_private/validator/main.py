@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(ValidatorSettings, args.config, env_prefix="RAYHORDE_VALIDATOR_")
     core = build_core(settings)
     core.start_sweeper()
+    core.verification.start(core._stop)
     logging.info("validator %s on %s (db %s)", core.hotkey.ss58, settings.url, settings.resolved_db_url())
     uvicorn.run(build_app(core), host=settings.host, port=settings.port, log_level="warning", access_log=False)
 

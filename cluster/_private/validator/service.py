@@ -35,6 +35,7 @@ from cluster._private.settings import ValidatorSettings, load_executor_classes
 from cluster._private.validator import store as db
 from cluster._private.validator.serve_rest import ServeRest
 from cluster._private.validator.streams import StreamDesk
+from cluster._private.validator.verification import VerificationDesk, banned_miners, cluster_runner
 from cluster._private.version import local_versions
 from cluster._private.miner.images import ImagePolicy
 from cluster.errors import (
@@ -69,6 +70,9 @@ class ValidatorCore:
             serve = ServeRest(settings.dashboard_url(), ray_token, http_port=settings.resolved_serve_http_port(),
                               request_timeout_s=settings.serve_request_timeout_s)
         self.streams = StreamDesk(self, serve)
+        runner = (cluster_runner(settings.verification_address, settings.verifier_factory)
+                  if settings.verification_address else None)
+        self.verification = VerificationDesk(self, runner)
 
     # ------------------------------------------------------------------ helpers
     def _open(self, env: SignedEnvelope, kind: str, signers: list[str] | None = None) -> dict[str, Any]:
@@ -417,10 +421,11 @@ class ValidatorCore:
         penalty_after = now - int(self.settings.incident_penalty_s * NS)
         offered = total_free = 0
         candidates: list[tuple[int, int, int, str]] = []
+        banned = banned_miners(conn, now_ns=now, ban_s=self.settings.verification_ban_s)
         for m in conn.execute(sa.select(db.miners).where(db.miners.c.node_id.is_not(None))):
             n = int(m.executor_classes.get(executor_class, 0))
-            if n == 0 or (m.last_heartbeat_ns or 0) < live_after:
-                continue
+            if n == 0 or (m.last_heartbeat_ns or 0) < live_after or m.hotkey in banned:
+                continue  # a miner that failed a verification gets no new work for a while
             busy = conn.execute(sa.select(sa.func.count()).select_from(db.tickets).where(
                 db.tickets.c.miner_hotkey == m.hotkey, db.tickets.c.executor_class == executor_class,
                 db.tickets.c.active.is_(True))).scalar_one()
@@ -623,7 +628,7 @@ class ValidatorCore:
                 sa.select(db.incidents.c.miner_hotkey, db.incidents.c.kind, db.incidents.c.reason, db.incidents.c.job_id,
                           db.incidents.c.attempt, db.incidents.c.t_ns).order_by(db.incidents.c.id.desc()).limit(50))]
         return {"validator": self.hotkey.ss58, "gcs_address": self.settings.gcs_address(), "miners": out,
-                "jobs": counts, "incidents": incidents}
+                "jobs": counts, "incidents": incidents, "verification": self.verification.summary()}
 
 
 def _ref(ticket_id: str, attempt: int, miner: str, executor_class: str) -> TicketRef:

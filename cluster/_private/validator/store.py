@@ -163,6 +163,18 @@ streams = sa.Table(  # streaming jobs (issue 4); their history lives in job_even
     sa.Column("serve_app", sa.JSON, nullable=True),  # the application entry sent to Serve's REST API
     sa.Column("ready_envelope", Text, nullable=True),  # the miner-signed readiness, verbatim
     sa.Column("failure", sa.JSON, nullable=True),
+    sa.Column("receipts_seq", sa.Integer, nullable=False, default=-1),  # last receipt collected (verification)
+)
+stream_claims = sa.Table(  # answers collected from miners' proxies, every signature checked (issue 5)
+    "stream_claims", metadata,
+    sa.Column("request_id", String, primary_key=True),
+    sa.Column("job_id", String, nullable=False, index=True),
+    sa.Column("seq", sa.Integer, nullable=False),
+    sa.Column("miner_hotkey", String, nullable=False, index=True),
+    sa.Column("collected_ns", sa.BigInteger, nullable=False),
+    sa.Column("claim", Text, nullable=False),  # the Claim JSON, verbatim
+    sa.Column("state", String, nullable=False, index=True),  # "unsampled", "pending", "verified", "failed"
+    sa.Column("verdict", Text, nullable=True),  # the Verdict JSON
 )
 
 
@@ -217,9 +229,17 @@ def _initial_tables(conn: sa.Connection) -> None:
     metadata.create_all(conn)  # checkfirst: creates only the missing tables and their indexes
 
 
+def _claims_and_cursor(conn: sa.Connection) -> None:
+    cols = {c["name"] for c in sa.inspect(conn).get_columns("streams")}
+    if "receipts_seq" not in cols:  # step 2 of a database made before step 3 existed
+        conn.execute(sa.text("ALTER TABLE streams ADD COLUMN receipts_seq INTEGER NOT NULL DEFAULT -1"))
+    stream_claims.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial tables", _initial_tables),
     Migration(2, "streaming jobs", lambda conn: streams.create(conn, checkfirst=True)),
+    Migration(3, "verification: collected claims, receipt cursor per stream", _claims_and_cursor),
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations
