@@ -56,7 +56,7 @@ class LocalStack:
                  miner_config: str | Path = REPO_ROOT / "configs/miner.local.toml",
                  validator_env: dict[str, str] | None = None, miner_env: dict[str, str] | None = None,
                  miner_uris: list[str] | None = None,
-                 port_base: int | None = None, validator_port: int | None = None) -> None:
+                 port_base: int | None = None, validator_port: int | None = None, verification: bool = False) -> None:
         self.home = Path(home).resolve()
         self.miners = miners
         self.executors_per_miner = executors_per_miner
@@ -67,6 +67,7 @@ class LocalStack:
         self.miner_uris = miner_uris or DEV_MINER_URIS[:miners]
         self.port_base = port_base
         self.validator_port = validator_port
+        self.verification = verification  # also start the private, autoscaled verification cluster
         self.state_file = self.home / "stack.json"
 
     # ------------------------------------------------------------------ state
@@ -125,6 +126,8 @@ class LocalStack:
                                        object_store_mb=100, log_path=str(self.home / "logs" / "ray-head.log"))
             state["pids"] = {"ray-head": head.pid}
             self._save(state)
+            if self.verification:
+                venv.update(self._start_verification(state))
             self._spawn(state, "validator", [sys.executable, "-m", "cluster._private.validator.main", "--config",
                                              str(self.validator_config)], venv)
             ray_node.wait_head_ready(ports, token, timeout_s=timeout_s)
@@ -149,6 +152,23 @@ class LocalStack:
             self.down()
             raise
         return self._state()
+
+    def _start_verification(self, state: dict[str, Any]) -> dict[str, str]:
+        """The validator's private verification cluster (no miner ever joins it): its own head,
+        token and autoscaler; recorded in its own state file, which ``down`` stops."""
+        from cluster._private.verification.cluster import VerificationCluster
+
+        vc = VerificationCluster(self.home / "verification")
+        token_path = self.home / "verification" / "ray_token"
+        token_path.parent.mkdir(parents=True, exist_ok=True)
+        token_path.write_text(vc.token)
+        token_path.chmod(0o600)
+        state["verification"] = {"state_file": str(vc.state_file), "gcs_address": vc.gcs_address,
+                                 "dashboard_url": vc.dashboard_url, "token_path": str(token_path)}
+        self._save(state)
+        vc.start()
+        return {"RAYHORDE_VALIDATOR_VERIFICATION_ADDRESS": vc.gcs_address,
+                "RAYHORDE_VALIDATOR_VERIFICATION_TOKEN_PATH": str(token_path)}
 
     def _wait_miners(self, url: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -180,6 +200,12 @@ class LocalStack:
                 if pid and _alive(pid):
                     ray_node.stop_process(pid)
                     stopped.append(f"{name}-ray-node")
+        verification = state.get("verification")
+        if verification and Path(verification["state_file"]).exists():
+            from cluster._private.verification.cluster import VerificationCluster
+
+            if VerificationCluster.stop_recorded(verification["state_file"]):
+                stopped.append("verification-cluster")
         if self.state_file.exists():
             self.state_file.unlink()
         return stopped

@@ -102,7 +102,8 @@ class ValidatorSettings(BaseModel):
     verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
     verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
     verification_address: str | None = None  # GCS address of the private verification cluster; None: off
-    verifier_factory: str = "cluster._private.verification.verifier:from_settings"
+    verification_token_path: Path | None = None  # its Ray token (a cluster of its own: not the public one's)
+    verifier_factory: str = "cluster._private.verification.verifier:Verifier"  # module:callable on the worker
 
     @property
     def url(self) -> str:

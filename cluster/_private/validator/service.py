@@ -70,8 +70,12 @@ class ValidatorCore:
             serve = ServeRest(settings.dashboard_url(), ray_token, http_port=settings.resolved_serve_http_port(),
                               request_timeout_s=settings.serve_request_timeout_s)
         self.streams = StreamDesk(self, serve)
-        runner = (cluster_runner(settings.verification_address, settings.verifier_factory)
-                  if settings.verification_address else None)
+        runner = None
+        if settings.verification_address:
+            if settings.verification_token_path is None:
+                raise ConfigError("verification_address needs verification_token_path (that cluster's Ray token)")
+            runner = cluster_runner(settings.verification_address, settings.verification_token_path.read_text().strip(),
+                                    str(settings.home / "verification-driver"), settings.verifier_factory)
         self.verification = VerificationDesk(self, runner)
 
     # ------------------------------------------------------------------ helpers

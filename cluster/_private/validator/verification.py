@@ -29,6 +29,7 @@ from cluster._private.validator import store as db
 from cluster._private.verification.collector import StreamSource, pull
 from cluster._private.verification.models import Claim, Verdict
 from jobs._private.models import JobStatus
+from serve_apps._private.client_envelope import RequestEnvelope
 from serve_apps._private.models import StreamReady, StreamSpec
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rayhorde.verification")
 NS = 1_000_000_000
 BatchRunner = Callable[[list[Claim], float], list[Verdict]]
+SCORABLE = ("/v1/chat/completions", "/v1/completions")
 
 
 class VerificationDesk:
@@ -92,7 +94,9 @@ class VerificationDesk:
         now = self.core.clock()
         with self.core.engine.begin() as conn:
             for c in claims:
-                state = "pending" if self._draw.random() < self.settings.verify_fraction else "unsampled"
+                # only model answers can be re-scored (a model list, an echo answer: chain-checked only)
+                scorable = RequestEnvelope.model_validate_json(c.envelope).path.endswith(SCORABLE)
+                state = "pending" if scorable and self._draw.random() < self.settings.verify_fraction else "unsampled"
                 conn.execute(db.stream_claims.insert().values(
                     request_id=c.request_id, job_id=job_id, seq=c.receipt.body.seq, miner_hotkey=c.miner_hotkey,
                     collected_ns=now, claim=c.model_dump_json(), state=state))
@@ -195,12 +199,15 @@ class VerificationDesk:
         return out
 
 
-def cluster_runner(address: str, factory: str) -> BatchRunner:
-    """Batches go to the private verification cluster (its autoscaler adds a worker for them)."""
+def cluster_runner(address: str, token: str, work_dir: str, factory: str) -> BatchRunner:
+    """Batches go to the private verification cluster (its autoscaler adds a worker for them),
+    through a driver subprocess: validator-core itself never joins a Ray cluster."""
     def run(claims: list[Claim], margin: float) -> list[Verdict]:
-        from cluster._private.verification.actors import run_batch
+        from cluster._private.verification.cluster import VerificationClient
 
-        return run_batch(address, claims, margin, factory=factory)
+        result = VerificationClient(address, token, work_dir=work_dir).run_batch(claims, margin, factory)
+        log.info("verified %d answers on %s in %s", len(claims), result.actor, result.timings)
+        return result.verdicts
     return run
 
 

@@ -1,0 +1,100 @@
+"""Issue 5, "Done when" 1, end to end on real parts: LLM answers go through a miner's real proxy;
+validator-core collects and samples them (every signature and the chain checked), waits for a
+batch, and hands it to its private verification cluster, whose autoscaler adds a fake ``gpu80``
+worker for the verifier actor (vLLM CPU, one prefill pass per answer); the verdicts are stored,
+each produced by an actor on that worker; the worker is gone again after the idle timeout.
+
+A stack of its own (one miner) with ``verification=True``: the session stack has none."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from cluster._private.identity import Hotkey
+from cluster._private.local_stack import LocalStack
+from cluster._private.user import request_capability
+from cluster._private.validator import store as db
+from cluster._private.verification.cluster import CUSTOM_RESOURCE
+from cluster._private.verification.models import Verdict
+from serve_apps import SigningKey, StreamSpec, Streams
+from tests.conftest import USER_URI
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BATCH = 4
+
+
+def _workers(v: dict) -> list[dict]:
+    req = urllib.request.Request(f"{v['dashboard_url']}/api/v0/nodes?limit=1000&detail=true",
+                                 headers={"Authorization": f"Bearer {Path(v['token_path']).read_text().strip()}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        nodes = json.loads(resp.read())["data"]["result"]["result"]
+    return [n for n in nodes if n.get("state") == "ALIVE" and not n["is_head_node"]
+            and (n.get("resources_total") or {}).get(CUSTOM_RESOURCE, 0) > 0]
+
+
+@pytest.fixture(scope="module")
+def vstack(engine, tmp_path_factory):
+    home = tmp_path_factory.mktemp("vstack")
+    local = LocalStack(home, miners=1, executors_per_miner=1, verification=True, validator_env={
+        "RAYHORDE_VALIDATOR_VERIFY_FRACTION": "1", "RAYHORDE_VALIDATOR_VERIFY_BATCH_MIN": str(BATCH),
+        "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1", "RAYHORDE_VALIDATOR_VERIFY_MARGIN": "0.05"})
+    state = local.up()
+    try:
+        yield local, state
+    finally:
+        local.down()
+
+
+def test_sampled_answers_are_verified_on_an_autoscaled_worker_that_then_goes_away(vstack):
+    local, state = vstack
+    v = state["verification"]
+    assert _workers(v) == []  # no verifier node before the batch
+    key = SigningKey()
+    cap = request_capability(state["validator_url"], Hotkey.from_uri(USER_URI), max_jobs=5, ttl_s=3600)
+    streams = Streams(state["validator_url"], cap)
+    job = streams.deploy(StreamSpec(app="llm", version="1", client_keys=[key.public]))
+    job.wait_ready(timeout_s=600)
+    llm = job.openai(key)
+    model = llm.models.list().data[0].id
+    for i in range(BATCH):  # greedy and keyed-sampled answers, buffered and streamed
+        kwargs = dict(model=model, max_tokens=12, temperature=0 if i % 2 == 0 else 0.8,
+                      messages=[{"role": "user", "content": f"Count to {i + 3}."}])
+        if i < 2:
+            llm.chat.completions.create(**kwargs)
+        else:
+            list(llm.chat.completions.create(stream=True, **kwargs))
+    seen_worker: list[dict] = []
+    engine = sa.create_engine(f"sqlite:///{local.home / 'validator' / 'validator.db'}")
+    deadline = time.monotonic() + 600
+    rows: list = []
+    while time.monotonic() < deadline:
+        seen_worker = seen_worker or _workers(v)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(db.stream_claims).where(db.stream_claims.c.job_id == job.job_id)).all()
+        if sum(r.state in ("verified", "failed") for r in rows) >= BATCH:
+            break
+        time.sleep(0.5)
+    engine.dispose()
+    assert len(rows) == BATCH + 1 and [r.state for r in rows if r.seq == 0] == ["unsampled"]  # seq 0: model list
+    chat = [Verdict.model_validate_json(r.verdict) for r in rows if r.verdict]
+    assert len(chat) == BATCH and all(vd.ok for vd in chat), [(vd.reason, vd.message) for vd in chat]
+    assert all(vd.checked_tokens > 0 for vd in chat)
+    assert seen_worker, "the autoscaler never showed a verifier worker"
+    nodes = {vd.verifier.rsplit("@", 1)[1] for vd in chat}
+    assert nodes == {seen_worker[0]["node_id"]}  # every verdict by an actor on the autoscaled worker
+    idle = time.monotonic() + 60
+    while _workers(v) and time.monotonic() < idle:
+        time.sleep(1)
+    assert _workers(v) == []  # scaled back to zero after the idle timeout
+    proof = httpx.get(f"{state['validator_url']}/v1/streams/{job.job_id}/verdicts/{chat[0].request_id}/proof",
+                      headers={"Authorization": f"Bearer {cap}"}, timeout=30)
+    assert proof.status_code == 200 and json.loads(proof.content)["verdict"]["ok"] is True
+    job.terminate()
+    streams.close()
