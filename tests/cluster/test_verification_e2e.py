@@ -98,3 +98,23 @@ def test_sampled_answers_are_verified_on_an_autoscaled_worker_that_then_goes_awa
     assert proof.status_code == 200 and json.loads(proof.content)["verdict"]["ok"] is True
     job.terminate()
     streams.close()
+    check_proof_elsewhere(proof.content, local.home)
+
+
+def check_proof_elsewhere(proof: bytes, home: Path) -> None:
+    """"Done when" 4: another process with only the model and the proof re-scores the answer
+    and agrees; one edited byte and it refuses."""
+    import subprocess
+    import sys
+
+    path = home / "proof.json"
+    path.write_bytes(proof)
+    ok = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path)], capture_output=True,
+                        text=True, timeout=600)
+    assert ok.returncode == 0 and "re-scored with the model" in ok.stdout, ok.stdout + ok.stderr[-2000:]
+    edited = bytearray(proof)
+    edited[len(edited) // 3] ^= 0x01
+    path.write_bytes(bytes(edited))
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path)], capture_output=True,
+                         text=True, timeout=600)
+    assert bad.returncode == 1 and "proof refused" in bad.stderr

@@ -54,7 +54,8 @@ class Evidence(BaseModel):
     position: int  # index into the claimed output ids
     claimed_id: int
     expected_id: int  # argmax (greedy) or the keyed choice recomputed by the verifier
-    claimed_score: float  # logprob (greedy) or logit/T + gumbel (keyed)
+    claimed_score: float  # logprob (greedy) or T * (logprob/T + gumbel) = logprob + T*gumbel (keyed: the
+    #                       sampler's logit/T + gumbel order, in log-probability units like the margin)
     expected_score: float
     gap: float  # expected_score - claimed_score (>= 0)
 
@@ -75,3 +76,8 @@ class Verdict(BaseModel):
     near_ties: int = 0  # positions whose top-2 gap was under the margin (a measured blind spot)
     verifier: str = ""  # which actor / node produced it
     weights_sha256: str
+    # Per-answer figures of the batch statistic for lower-precision copies (verification.calibration):
+    sampler: str = ""  # "greedy" or "keyed_gumbel_v1", as re-derived from the signed request
+    max_gap: float = 0.0  # the largest gap of any position (how close the answer came to the margin)
+    mismatches: int = 0  # positions whose claimed id is not the verifier's exact choice (gap > 0)
+    deficit: float = 0.0  # the sum of the gaps over the positions
