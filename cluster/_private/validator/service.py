@@ -263,6 +263,17 @@ class ValidatorCore:
                                     "request a new one", status_code=401)
         return cap
 
+    def _budget(self, conn: sa.Connection, cap: Capability) -> sa.Row:
+        """The capability's row, if it may still start a job (organic or streaming); the caller
+        spends it (``jobs_used + 1``) in the same transaction, once the job is sure to exist."""
+        row = conn.execute(sa.select(db.capabilities).where(db.capabilities.c.id == cap.capability_id)).first()
+        if row is None:
+            raise CapabilityRefused("invalid_capability", "capability unknown to this validator", status_code=401)
+        if row.jobs_used >= row.max_jobs:
+            raise CapabilityRefused("over_budget", f"capability allows {row.max_jobs} jobs and all are used; "
+                                    "request a new capability", status_code=403)
+        return row
+
     # ------------------------------------------------------------------ jobs
     def register_job(self, cap: Capability, spec: JobSpec) -> Submitted:
         self.image_policy.check(spec.image)  # before the capability's budget is spent
@@ -275,12 +286,7 @@ class ValidatorCore:
         job_id = uuid.uuid4().hex
         with self._alloc, self.engine.begin() as conn:
             now = self.clock()  # inside the lock: queue order is arrival order
-            row = conn.execute(sa.select(db.capabilities).where(db.capabilities.c.id == cap.capability_id)).first()
-            if row is None:
-                raise CapabilityRefused("invalid_capability", "capability unknown to this validator", status_code=401)
-            if row.jobs_used >= row.max_jobs:
-                raise CapabilityRefused("over_budget", f"capability allows {row.max_jobs} jobs and all are used; "
-                                        "request a new capability", status_code=403)
+            row = self._budget(conn, cap)
             conn.execute(db.capabilities.update().where(db.capabilities.c.id == row.id)
                          .values(jobs_used=row.jobs_used + 1))
             conn.execute(db.jobs.insert().values(id=job_id, capability_id=cap.capability_id, user_hotkey=cap.user,

@@ -31,7 +31,7 @@ from cluster._private.envelope import SignedEnvelope
 from cluster._private.protocol import miner_resource
 from cluster._private.validator import store as db
 from cluster._private.validator.serve_rest import BUILDER, ServeRest
-from cluster.errors import CapabilityRefused, InvalidSpec, Refused, ServiceUnavailable
+from cluster.errors import InvalidSpec, Refused, ServiceUnavailable
 from jobs._private.models import Failure, FailureKind, JobStatus, StatusEvent
 from serve_apps._private.models import READY_KIND, StreamAssignment, StreamReady, StreamSpec, StreamView
 from serve_apps._private.whitelist import Whitelist
@@ -71,12 +71,7 @@ class StreamDesk:
         core = self.core
         with core._alloc, core.engine.begin() as conn:
             now = core.clock()
-            row = conn.execute(sa.select(db.capabilities).where(db.capabilities.c.id == cap.capability_id)).first()
-            if row is None:
-                raise CapabilityRefused("invalid_capability", "capability unknown to this validator", status_code=401)
-            if row.jobs_used >= row.max_jobs:
-                raise CapabilityRefused("over_budget", f"capability allows {row.max_jobs} jobs and all are used; "
-                                        "request a new capability", status_code=403)
+            row = core._budget(conn, cap)
             miner, why = core._pick_miner(conn, spec.executor_class, exclude=set())
             if miner is None:
                 raise Refused("no_miner_for_job", f"no miner can take a {spec.executor_class} stream now: {why}",
