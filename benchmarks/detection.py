@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32_reqs = [r for r in bench_reqs if r.request_id not in bf16_ids]
     claims["honest"] += honest_job.answer_many(fp32_reqs)
     timings["gen_honest_fp32_s"] = time.monotonic() - t0
-    timings["gen_honest_fp32_answers"] = len(calibration) + len(fp32_reqs)
+    timings["gen_honest_fp32_answers"] = len(cal_reqs) - n_cal // 4 + len(fp32_reqs)
     log(f"honest: {len(claims['honest'])} + {len(calibration)} calibration answers")
     by_id = {c.request_id: c for c in claims["honest"]}
     tok = gen.tokenizer

@@ -98,7 +98,9 @@ class ValidatorSettings(BaseModel):
     verify_batch_min: int = Field(gt=0, default=16)  # a GPU start is worth this many answers...
     verify_batch_max_age_s: float = Field(gt=0, default=600)  # ...or an answer this old
     verify_batch_max: int = Field(gt=0, default=64)
-    verify_margin: float = Field(ge=0, default=0.05)  # logprob margin, calibrated on honest answers
+    # logprob margin: `python -m benchmarks.detection --honest 200` calibrated 0.625 on answers kept apart
+    # (2 x the widest honest top-choice gap over vLLM fp32 and transformers bf16); bf16 alone reaches ~0.22
+    verify_margin: float = Field(ge=0, default=0.625)
     verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
     verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
     verification_address: str | None = None  # GCS address of the private verification cluster; None: off

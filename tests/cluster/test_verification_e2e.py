@@ -44,7 +44,7 @@ def vstack(engine, tmp_path_factory):
     home = tmp_path_factory.mktemp("vstack")
     local = LocalStack(home, miners=1, executors_per_miner=1, verification=True, validator_env={
         "RAYHORDE_VALIDATOR_VERIFY_FRACTION": "1", "RAYHORDE_VALIDATOR_VERIFY_BATCH_MIN": str(BATCH),
-        "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1", "RAYHORDE_VALIDATOR_VERIFY_MARGIN": "0.05"})
+        "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1"})
     state = local.up()
     try:
         yield local, state

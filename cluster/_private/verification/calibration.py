@@ -17,8 +17,9 @@ close enough to pass the per-answer margin. What gives it away is HOW OFTEN its 
 verifier's exact choice: :func:`batch_statistic` is the batch's mismatch rate (positions whose
 claimed id is not the verifier's exact choice / positions checked), compared with a threshold
 from honest calibration: a one-sided binomial bound ``p0 + z * sqrt(p0 (1 - p0) / n)`` over the
-batch's ``n`` positions, ``p0`` the honest rate measured with that same verifier configuration
-(floored, since an fp32 verifier of fp32 answers sees almost none). :func:`batch_size_needed`
+batch's ``n`` positions, ``p0`` the highest honest rate measured with that same verifier
+configuration over the honest generator configurations (floored, since an fp32 verifier of fp32
+answers sees almost none). :func:`batch_size_needed`
 says how many answers a batch needs before a cheat with a given rate is caught with the wanted
 power. Honest mismatches cluster on near-tie-rich prompts, so the binomial bound is an
 approximation: the detection benchmark measures the false-alarm rate of honest batches too.
@@ -34,7 +35,10 @@ from pydantic import BaseModel
 from cluster._private.verification.models import Claim, Verdict
 
 DEFAULT_FACTOR = 2.0
-DEFAULT_FLOOR = 0.05  # log-probability units: below this, float noise alone is never the whole story
+# log-probability units. bfloat16 keeps 8 significant bits: a logit between 16 and 32 is rounded to
+# a multiple of 0.125, so two honest roundings of the same pair can differ by 0.25 (gaps measured
+# on honest bfloat16 answers: up to ~0.22). A small calibration set may not meet such a position.
+DEFAULT_FLOOR = 0.25
 DEFAULT_RATE_FLOOR = 0.002  # honest mismatch rate assumed at least (1 position in 500)
 DEFAULT_Z = 4.0  # one-sided: an honest batch trips the threshold ~3e-5 of the time (if binomial)
 
@@ -120,11 +124,17 @@ def calibrate_margin(honest_claims: Sequence[Claim], verifiers: Iterable, *, fac
     return hi
 
 
-def calibrate_batch(sample: HonestSample, *, rate_floor: float = DEFAULT_RATE_FLOOR, z: float = DEFAULT_Z
-                    ) -> BatchCalibration:
-    """The batch threshold of one verifier configuration from its honest measurement."""
-    rate = sample.mismatches / max(sample.positions, 1)
-    return BatchCalibration(verifier=sample.verifier, honest_rate=max(rate, rate_floor), z=z)
+def calibrate_batch(samples: HonestSample | Sequence[HonestSample], *, rate_floor: float = DEFAULT_RATE_FLOOR,
+                    z: float = DEFAULT_Z) -> BatchCalibration:
+    """The batch threshold of one verifier configuration from its honest measurements. Give one
+    sample per honest configuration (generator dtype / hardware): a miner's batch comes from one
+    of them, so the bound uses the highest honest rate, not a pooled one (bfloat16 answers miss
+    a float32 verifier's exact choice far more often than float32 ones)."""
+    samples = [samples] if isinstance(samples, HonestSample) else list(samples)
+    if not samples or len({s.verifier for s in samples}) != 1:
+        raise ValueError("calibrate_batch needs samples of one verifier configuration")
+    rate = max(s.mismatches / max(s.positions, 1) for s in samples)
+    return BatchCalibration(verifier=samples[0].verifier, honest_rate=max(rate, rate_floor), z=z)
 
 
 def batch_statistic(verdicts: Sequence[Verdict], calibration: BatchCalibration) -> tuple[float, float, bool]:
