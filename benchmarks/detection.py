@@ -24,6 +24,8 @@ swapped (and the answer continued), bytes edited after signing, an answer cut sh
 stop, another temperature, another key, the system prompt dropped, the context truncated, a
 model with 6 of its 30 layers removed, another model (Gemma 3 270M, re-tokenised), and two
 lower-precision copies (4-bit and 6-bit symmetric groups of 32), which the batch statistic is for.
+An engine-made cheat whose answer is token for token the honest one (nothing changed) is dropped
+from its class and counted in the table ("identical to honest").
 
 vLLM engines share this process one at a time, except the scoring engine, which is built while
 the generator is alive (a guest: it closes first). Nothing asserts a time: figures only.
@@ -145,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(1)
     n_bf16 = n // 4  # an honest miner on bfloat16 hardware answers these (and a quarter of calibration)
     bf16_ids = {r.request_id for r in rng.sample(bench_reqs, n_bf16) + rng.sample(cal_reqs, n_cal // 4)}
-    sampled_reqs = [r for r in bench_reqs if tags[r.request_id]["sampled"]]
-    system_reqs = [r for r in bench_reqs if tags[r.request_id]["system"]]
+    # twisted cheats answer float32 requests, so "no effect" below compares like with like
+    sampled_reqs = [r for r in bench_reqs if tags[r.request_id]["sampled"] and r.request_id not in bf16_ids]
+    system_reqs = [r for r in bench_reqs if tags[r.request_id]["system"] and r.request_id not in bf16_ids]
 
     def pick(pool, k):
         return rng.sample(pool, min(k, len(pool)))
@@ -229,6 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, RuntimeError) as exc:
         log(f"other model skipped: {exc}")
 
+    # A cheat whose answer is token for token the honest answer to the same signed request changed
+    # nothing a user or any verifier can see (a context cut that lost nothing the answer needed, a
+    # temperature at which the top choice still wins every draw): not counted as a cheat, reported.
+    no_effect: dict[str, int] = {}
+    # (Lower-precision copies stay whole: the batch statistic judges everything such a copy serves.)
+    for name in [k for k in claims if k not in ("honest", "token_swapped", "cut_short", "forced_stop",
+                                                "bytes_edited") and not k.startswith("lowprec")]:
+        kept = [c for c in claims[name] if c.request_id not in by_id
+                or tb.answer_ids(c) != tb.answer_ids(by_id[c.request_id])]
+        no_effect[name] = len(claims[name]) - len(kept)
+        claims[name] = kept
+    log(f"cheats identical to the honest answer (dropped): {no_effect}")
+
     # 4. verify everything with both verifiers
     verdicts: dict[str, dict[str, list]] = {}
     for v in verifiers:
@@ -299,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                 missed += len(cv) - caught
                 cheats_total += len(cv)
             figures[f"{label}_{name}_detected"] = caught / max(len(cv), 1)
+            figures[f"{name}_no_effect"] = no_effect.get(name, 0)
+            same = f"+{no_effect[name]} identical to honest" if no_effect.get(name) else ""
             rows.append((label, name, len(cv), f"{caught}/{len(cv)} caught ({caught / max(len(cv), 1):.0%})",
-                         "", _reasons(cv)))
+                         same, _reasons(cv)))
 
     # the batch statistic: thresholds from the calibration set; honest batches vs low-precision batches
     batch_rows = []

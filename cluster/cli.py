@@ -92,6 +92,31 @@ def status(home: str | None) -> None:
                    f"busy {m['busy_executors']}  done {m['jobs_done']}  heartbeat {m['heartbeat_age_s']} s ago")
 
 
+@main.command()
+@home_option
+@click.option("--validator", "validator_url", default=None, help="validator-core URL (default: the local stack's)")
+@click.option("--closed", default=3, show_default=True, help="how many closed cycles to show")
+def scores(home: str | None, validator_url: str | None, closed: int) -> None:
+    """Show the running scoring cycle and the last closed ones (executor-seconds, weights)."""
+    import httpx
+    url = validator_url or _stack_state(_home(home))["validator_url"]
+    resp = httpx.get(f"{url}/v1/scores", params={"closed": closed}, timeout=10)
+    if resp.status_code != 200:
+        raise click.ClickException(f"validator-core answered {resp.status_code}: {resp.text[:300]}")
+    body = resp.json()
+    for c in [body["current"], *body["closed"]]:
+        head = "running" if c["partial"] else f"closed, weights {c['chain_status']}"
+        click.echo(f"cycle {c['cycle']} ({head}; {body['cycle_s']:g} s)")
+        for m in c["miners"]:
+            weight = c["weights"].get(str(m["uid"]), 0) if m["uid"] is not None else "-"
+            void = "  VOIDED (failed verification)" if m["stream_voided"] else ""
+            click.echo(f"  uid {m['uid']!s:>4}  {m['hotkey'][:12]}...  score {m['score']:9.1f} s  organic "
+                       f"{m['organic_jobs']} jobs {m['organic_executor_s']:.1f} s  streams {m['stream_executor_s']:.1f} s "
+                       f"{m['stream_answers']} answers  weight {weight}{void}")
+        if not c["miners"]:
+            click.echo("  no scored work")
+
+
 def _user_capability(state: dict, wallet: str, uri: str | None, max_jobs: int, ttl_s: int) -> str:
     hotkey = load_or_create_wallet(Path(state["home"]) / "wallets", wallet, uri=uri)
     return request_capability(state["validator_url"], hotkey, max_jobs=max_jobs, ttl_s=ttl_s)

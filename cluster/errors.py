@@ -12,6 +12,7 @@
         │   ├── CapabilityRefused  a user capability was refused, expired or over budget
         │   └── AppRefused         a streaming app is not whitelisted, or its weights are not the pinned ones
         ├── ServiceUnavailable     a service did not answer (down, timed out, connection refused)
+        ├── ChainError             the chain refused a call (weights for unknown uids, ...) or failed
         └── EngineError            the container engine failed (not the job's fault)
 
 Messages name the cause and the fix ("ticket expired 12 s ago; max skew 5 s").
@@ -72,6 +73,10 @@ class AppRefused(Refused):
 
 class ServiceUnavailable(ExternalError):
     """A service did not answer."""
+
+
+class ChainError(ExternalError):
+    """The chain (or its local stand-in) refused a call or could not be reached."""
 
 
 class EngineError(ExternalError):

@@ -84,7 +84,10 @@ def stack(engine, hub, tmp_path_factory) -> Stack:
     local = LocalStack(home, miners=2, executors_per_miner=2, miner_env={"RAYHORDE_MINER_HF_ENDPOINT": hub.url},
                        validator_env={"RAYHORDE_VALIDATOR_IMAGE_DENY": json.dumps(["*/denied/*", "denied/*"]),
                                       "RAYHORDE_VALIDATOR_WHITELIST_PATH": str(whitelist),
-                                      "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1"})
+                                      "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1",
+                                      # probes (tests/cluster/test_verification_e2e.py) would add answers
+                                      # to the LLM jobs of tests that count them
+                                      "RAYHORDE_VALIDATOR_VERIFY_PROBE_INTERVAL_S": "0"})
     state = local.up()
     try:
         token = Path(state["token_path"]).read_text().strip()

@@ -1,8 +1,10 @@
 """``rayhorde demo`` (what ``make demo`` runs): a local validator and two miners run the peer
 system's hello-world job, a failing job, and ``examples/hello.py`` through the real
 ``ray job submit`` CLI, then two streaming jobs (the echo app; the LLM app through the
-``openai`` client), every answer's receipt verified; then everything is shut down and checked
-to be gone."""
+``openai`` client), every answer's receipt verified; then validator-core verifies the LLM's
+answers on its private, autoscaled verification cluster (one prefill pass each), exports a
+proof that another process re-scores, and shows the cycle's scores; then everything is shut
+down and checked to be gone."""
 
 from __future__ import annotations
 
@@ -77,7 +79,7 @@ def _streaming_step(state: dict, cap: str) -> bool:
             and end.status.value == "completed")
 
 
-def _llm_step(state: dict, cap: str) -> bool:
+def _llm_step(state: dict, cap: str):
     from serve_apps import SigningKey, StreamSpec, Streams
 
     key = SigningKey()
@@ -101,15 +103,58 @@ def _llm_step(state: dict, cap: str) -> bool:
                "receipt verified")
     receipts = len(job.log.by_seq)
     click.echo(f"  receipts  {receipts} verified and chained (models list, streamed, sampled)")
+    return job, streams, cap, receipts == 3 and bool(text)
+
+
+def _verification_step(state: dict, home: Path, job, streams, cap: str) -> bool:
+    """validator-core pulls the LLM job's receipts and bodies from the miner's proxy, samples them
+    (fraction 1 here), and verifies the two chat answers on its private cluster."""
+    import httpx
+
+    ids = [job.log.by_seq[seq].request_id for seq in (1, 2)]  # seq 0 is the model list (not scored)
+    t0 = time.monotonic()
+    proofs: dict[str, bytes] = {}
+    while len(proofs) < len(ids) and time.monotonic() - t0 < 600:
+        for rid in ids:
+            r = httpx.get(f"{state['validator_url']}/v1/streams/{job.job_id}/verdicts/{rid}/proof",
+                          headers={"Authorization": f"Bearer {cap}"}, timeout=30)
+            if r.status_code == 200:
+                proofs[rid] = r.content
+        time.sleep(1)
+    ok = len(proofs) == len(ids)
+    for rid, raw in proofs.items():
+        v = json.loads(raw)["verdict"]
+        ok &= v["ok"]
+        click.echo(f"  verdict   {rid[:12]}... {v['sampler']:<15} {'ok' if v['ok'] else v['reason']}: {v['checked_tokens']} "
+                   f"tokens in one prefill pass, margin {v['margin']}, {v['near_ties']} near-ties; by {v['verifier']}")
+    click.echo(f"  verified  {len(proofs)}/{len(ids)} answers in {time.monotonic() - t0:.1f} s (an autoscaled gpu80 "
+               "worker started for the batch; it goes back to zero when idle)")
+    if proofs:
+        path = home / "proof.json"
+        path.write_bytes(next(iter(proofs.values())))
+        t1 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path)], capture_output=True,
+                             text=True, timeout=600, cwd=REPO_ROOT)
+        said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith(("proof ", "error"))]
+        click.echo(f"  proof     another process, the model and {path.name} only ({time.monotonic() - t1:.1f} s): "
+                   f"{(said or ['(no answer)'])[-1][:200]}")
+        ok &= out.returncode == 0
+    scores = httpx.get(f"{state['validator_url']}/v1/scores", timeout=30).json()["current"]
+    for m in scores["miners"]:
+        click.echo(f"  score     miner {m['hotkey'][:12]}... {m['score']:.1f} executor-s (organic {m['organic_jobs']} "
+                   f"jobs, streams {m['stream_executor_s']:.1f} s / {m['stream_answers']} answers) -> weight "
+                   f"{scores['weights'].get(str(m['uid']), 0)} of 65535 when the cycle closes")
     job.terminate()
     streams.close()
-    return receipts == 3 and bool(text)
+    return ok
 
 
 def run_demo(home: Path) -> int:
     from cluster.cli import _user_capability, print_view, run_job
 
-    stack = LocalStack(home, miners=2, executors_per_miner=2)
+    stack = LocalStack(home, miners=2, executors_per_miner=2, verification=True, validator_env={
+        "RAYHORDE_VALIDATOR_VERIFY_FRACTION": "1", "RAYHORDE_VALIDATOR_VERIFY_BATCH_MIN": "2",
+        "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1"})  # every LLM answer checked, two make a batch
     if stack.state_file.exists():
         click.echo(f"stopping a stack left in {home}: {stack.down()}")
     t0 = time.monotonic()
@@ -140,7 +185,12 @@ def run_demo(home: Path) -> int:
         ok &= _streaming_step(state, _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600))
 
         click.echo("\n== 5. the LLM app (vLLM on the miner's node) through the official openai client")
-        ok &= _llm_step(state, _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600))
+        llm_cap = _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600)
+        job, streams, cap, llm_ok = _llm_step(state, llm_cap)
+        ok &= llm_ok
+
+        click.echo("\n== 6. verification: validator-core re-checks the LLM answers on its private cluster")
+        ok &= _verification_step(state, home, job, streams, cap)
     except Exception as exc:  # still shut down and report
         click.echo(f"demo step failed: {exc!r}", err=True)
         ok = False

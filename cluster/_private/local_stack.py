@@ -27,8 +27,18 @@ from cluster._private.settings import REPO_ROOT, ValidatorSettings, _parse_env, 
 DEV_MINER_URIS = ["//Bob", "//Charlie", "//Eve", "//Ferdie"]
 
 
-def find_free_port_base(lo: int = 20000, hi: int = 40000, block: int = ray_node.PORT_BLOCK) -> int:
-    """A base whose whole block of ports is free on 127.0.0.1 right now."""
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
+
+
+def find_free_port_base(lo: int = 20000, hi: int | None = None, block: int = ray_node.PORT_BLOCK) -> int:
+    """A base whose whole block of ports is free on 127.0.0.1 right now. Below the kernel's
+    ephemeral range by default: a port there is free now but may be taken a moment later by any
+    socket bound to port 0 or connecting out (a raylet then fails with "address already in use")."""
+    hi = hi or _ephemeral_low()
     for _ in range(200):
         base = random.randrange(lo, hi - block)
         if all(_port_free(p) for p in range(base, base + block)):
@@ -104,7 +114,7 @@ class LocalStack:
         if self._state().get("pids"):
             raise RuntimeError(f"a stack is already recorded in {self.state_file}; run `rayhorde down` first")
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        base = self.port_base or find_free_port_base()
+        base = self.port_base or find_free_port_base(block=ray_node.PORT_BLOCK * (self.miners + 1))  # head + miners
         vport = self.validator_port or find_free_port_base(block=1)
         venv = {f"RAYHORDE_VALIDATOR_{k.upper()}": str(v) for k, v in {
             "home": self.home / "validator", "wallet_dir": self.home / "wallets", "port": vport,

@@ -101,11 +101,21 @@ class ValidatorSettings(BaseModel):
     # logprob margin: `python -m benchmarks.detection --honest 200` calibrated 0.625 on answers kept apart
     # (2 x the widest honest top-choice gap over vLLM fp32 and transformers bf16); bf16 alone reaches ~0.22
     verify_margin: float = Field(ge=0, default=0.625)
+    # the batch statistic for lower-precision copies (verification.calibration): honest mismatch rate of
+    # the verifier configuration (the detection benchmark's "honest p0": 0.0172 for vLLM fp32, 0.0217 for
+    # transformers bf16, over fp32 and bf16 honest answers), and the one-sided z of the bound
+    verify_batch_honest_rate: float = Field(gt=0, lt=1, default=0.02)
+    verify_batch_z: float = Field(gt=0, default=4.0)
+    verify_probe_interval_s: float = Field(ge=0, default=600)  # validator-core's own requests per verifiable stream; 0: off
+    verify_probe_timeout_s: float = Field(gt=0, default=120)
     verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
     verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
     verification_address: str | None = None  # GCS address of the private verification cluster; None: off
     verification_token_path: Path | None = None  # its Ray token (a cluster of its own: not the public one's)
     verifier_factory: str = "cluster._private.verification.verifier:Verifier"  # module:callable on the worker
+    # scoring (validator/scoring.py): executor-seconds per cycle -> u16 weights on the chain
+    score_cycle_s: float = Field(gt=0, default=4320)  # one subnet tempo: 360 blocks x 12 s
+    weights_path: Path | None = None  # the local chain's weights log; default: <home>/chain-weights.jsonl
 
     @property
     def url(self) -> str:
@@ -113,6 +123,9 @@ class ValidatorSettings(BaseModel):
 
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{self.home / 'validator.db'}"
+
+    def resolved_weights_path(self) -> Path:
+        return self.weights_path or self.home / "chain-weights.jsonl"
 
     def gcs_address(self) -> str:
         return self.ray_gcs_address or f"127.0.0.1:{self.ray_port_base}"

@@ -42,6 +42,7 @@ class WhitelistEntry(BaseModel):
     options: list[str] = Field(default_factory=list, description="constructor arguments a client may set")
     env: dict[str, str] = Field(default_factory=dict, description="environment of the app's replica process")
     max_ongoing_requests: int = Field(gt=0, default=64)
+    verifiable: bool = False  # answers the prefill verifier can re-check: validator-core probes it too
 
 
 class Whitelist(BaseModel):

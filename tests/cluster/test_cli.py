@@ -1,4 +1,4 @@
-"""The `rayhorde` CLI against the running local stack: job run / status / logs / list / cancel."""
+"""The `rayhorde` CLI against the running local stack: job run / status / logs / list / cancel, scores."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def test_job_run_prints_the_hello_world_result(stack):
 
     status = cli(stack, "job", "status", job_id)
     assert "status    completed" in status.output and "ticket for miner" in status.output
+    miner = status.output.split("ticket for miner ", 1)[1][:12]
+    scored = CliRunner().invoke(main, ["scores", "--home", str(stack.home)], catch_exceptions=False)
+    assert scored.exit_code == 0 and "(running;" in scored.output, scored.output
+    [line] = [ln for ln in scored.output.splitlines() if f"{miner}..." in ln and "organic" in ln][:1]
+    assert " 0 jobs" not in line  # the job it just completed counts for its miner
     logs = cli(stack, "job", "logs", job_id)
     assert logs.output.startswith("Hello, CLI!")
     listing = cli(stack, "job", "list")

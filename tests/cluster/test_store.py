@@ -87,7 +87,7 @@ def tables(engine: sa.Engine) -> set[str]:
 # ---------------------------------------------------------------------------- migrations
 def test_migrations_are_idempotent_and_keep_data(open_db):
     first = open_db()
-    assert versions(first) == ALL == [1, 2, 3]
+    assert versions(first) == ALL == [1, 2, 3, 4]
     assert tables(first) == set(db.metadata.tables) | {"schema_version"}
     with first.begin() as conn:
         conn.execute(db.capabilities.insert().values(id="c1", user_hotkey="u", max_jobs=3, expires_ns=1, jobs_used=0))
@@ -101,12 +101,13 @@ def test_migrations_are_idempotent_and_keep_data(open_db):
 def test_database_from_before_migrations_is_version_1(db_url, open_db):
     legacy = sa.create_engine(db_url)
     db.metadata.create_all(legacy, tables=[t for t in db.metadata.sorted_tables if t.name not in (
-        "streams", "stream_claims")])  # what open_engine did before schema_version existed (step 2 added streams)
+        "streams", "stream_claims", "score_cycles", "probes")])  # what open_engine did before schema_version existed
     with legacy.begin() as conn:
         conn.execute(db.miners.insert().values(hotkey="m", admitted_ns=1, executor_classes={"a": 1}, versions={}))
     legacy.dispose()
     engine = open_db()
-    assert versions(engine) == [1, 2, 3] and {"streams", "stream_claims"} <= tables(engine)  # then 2 and 3 ran
+    assert versions(engine) == [1, 2, 3, 4]  # then 2, 3 and 4 ran
+    assert {"streams", "stream_claims", "score_cycles", "probes"} <= tables(engine)
     with engine.connect() as conn:
         assert conn.execute(sa.select(db.miners.c.executor_classes)).scalar_one() == {"a": 1}
 
@@ -148,7 +149,7 @@ def test_a_newer_database_is_refused(open_db):
     engine = open_db()
     with engine.begin() as conn:
         conn.execute(db.schema_version.insert().values(version=99, description="future", applied_ns=1))
-    with pytest.raises(ConfigError, match="schema is at version 99 .* knows versions up to 3"):
+    with pytest.raises(ConfigError, match="schema is at version 99 .* knows versions up to 4"):
         open_db()
 
 
@@ -257,16 +258,18 @@ def test_column_types_round_trip_the_same(open_db):
         assert conn.execute(sa.select(db.job_events.c.detail)).scalar_one() == "bad\ufffdbyte"
 
 
-def test_step_3_brings_a_version_2_database_up(open_db):
+def test_steps_3_and_4_bring_a_version_2_database_up(open_db):
     engine = open_db()
-    with engine.begin() as conn:  # make it what step 2 left: streams without the cursor, no claims table
+    with engine.begin() as conn:  # make it what step 2 left: streams without the cursor, no claims/scores tables
         conn.execute(sa.text("ALTER TABLE streams DROP COLUMN receipts_seq"))
         conn.execute(sa.text("DROP TABLE stream_claims"))
-        conn.execute(db.schema_version.delete().where(db.schema_version.c.version == 3))
+        conn.execute(sa.text("DROP TABLE score_cycles"))
+        conn.execute(sa.text("DROP TABLE probes"))
+        conn.execute(db.schema_version.delete().where(db.schema_version.c.version >= 3))
         conn.execute(sa.text("INSERT INTO streams (id, capability_id, user_hotkey, spec, executor_class, status, "
                              "created_ns) VALUES ('s1', 'c', 'u', '{}', 'x', 'accepted', 1)"))
     engine = open_db()
     assert versions(engine) == ALL
     with engine.connect() as conn:
         assert conn.execute(sa.select(db.streams.c.receipts_seq)).scalar_one() == -1  # the old row got the default
-    assert "stream_claims" in tables(engine)
+    assert {"stream_claims", "score_cycles", "probes"} <= tables(engine)  # steps 3 and 4 ran

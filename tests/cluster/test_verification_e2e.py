@@ -3,6 +3,8 @@ validator-core collects and samples them (every signature and the chain checked)
 batch, and hands it to its private verification cluster, whose autoscaler adds a fake ``gpu80``
 worker for the verifier actor (vLLM CPU, one prefill pass per answer); the verdicts are stored,
 each produced by an actor on that worker; the worker is gone again after the idle timeout.
+validator-core also sends probes of its own through the proxy (a client key of its own among the
+user's): they are always verified, and the user's receipts never show them.
 
 A stack of its own (one miner) with ``verification=True``: the session stack has none."""
 
@@ -44,7 +46,9 @@ def vstack(engine, tmp_path_factory):
     home = tmp_path_factory.mktemp("vstack")
     local = LocalStack(home, miners=1, executors_per_miner=1, verification=True, validator_env={
         "RAYHORDE_VALIDATOR_VERIFY_FRACTION": "1", "RAYHORDE_VALIDATOR_VERIFY_BATCH_MIN": str(BATCH),
-        "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1"})
+        "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1",
+        "RAYHORDE_VALIDATOR_SCORE_CYCLE_S": str(10 ** 9),  # no cycle boundary inside the test
+        "RAYHORDE_VALIDATOR_VERIFY_PROBE_INTERVAL_S": "10"})
     state = local.up()
     try:
         yield local, state
@@ -70,34 +74,50 @@ def test_sampled_answers_are_verified_on_an_autoscaled_worker_that_then_goes_awa
             llm.chat.completions.create(**kwargs)
         else:
             list(llm.chat.completions.create(stream=True, **kwargs))
-    seen_worker: list[dict] = []
+    user_ids = {b.request_id for b in job.log.by_seq.values()}  # what this client sent (and verified)
+    models_id = job.log.by_seq[min(job.log.by_seq)].request_id  # its first request: the model list
+    seen_nodes: set[str] = set()
     engine = sa.create_engine(f"sqlite:///{local.home / 'validator' / 'validator.db'}")
     deadline = time.monotonic() + 600
     rows: list = []
+    probed: list = []
     while time.monotonic() < deadline:
-        seen_worker = seen_worker or _workers(v)
+        seen_nodes |= {w["node_id"] for w in _workers(v)}
         with engine.connect() as conn:
             rows = conn.execute(sa.select(db.stream_claims).where(db.stream_claims.c.job_id == job.job_id)).all()
-        if sum(r.state in ("verified", "failed") for r in rows) >= BATCH:
+            probed = conn.execute(sa.select(db.probes).where(db.probes.c.job_id == job.job_id)).all()
+        done = {r.request_id for r in rows if r.state in ("verified", "failed")}
+        if len(done & user_ids) >= BATCH and {p.request_id for p in probed} & done:
             break
         time.sleep(0.5)
-    engine.dispose()
-    assert len(rows) == BATCH + 1 and [r.state for r in rows if r.seq == 0] == ["unsampled"]  # seq 0: model list
-    chat = [Verdict.model_validate_json(r.verdict) for r in rows if r.verdict]
+    mine = [r for r in rows if r.request_id in user_ids]
+    assert len(mine) == BATCH + 1 and [r.state for r in mine if r.request_id == models_id] == ["unsampled"]
+    chat = [Verdict.model_validate_json(r.verdict) for r in mine if r.verdict]
     assert len(chat) == BATCH and all(vd.ok for vd in chat), [(vd.reason, vd.message) for vd in chat]
     assert all(vd.checked_tokens > 0 for vd in chat)
-    assert seen_worker, "the autoscaler never showed a verifier worker"
+    assert seen_nodes, "the autoscaler never showed a verifier worker"
     nodes = {vd.verifier.rsplit("@", 1)[1] for vd in chat}
-    assert nodes == {seen_worker[0]["node_id"]}  # every verdict by an actor on the autoscaled worker
-    idle = time.monotonic() + 60
-    while _workers(v) and time.monotonic() < idle:
-        time.sleep(1)
-    assert _workers(v) == []  # scaled back to zero after the idle timeout
+    assert nodes <= seen_nodes  # every verdict by an actor on an autoscaled worker
+    # the probes: validator-core's own requests, answered through the same proxy, always verified
+    answered = [p for p in probed if p.error is None]
+    assert answered and not {p.request_id for p in answered} & user_ids
+    probe_rows = [r for r in rows if r.request_id in {p.request_id for p in answered} and r.verdict]
+    assert probe_rows and all(Verdict.model_validate_json(r.verdict).ok for r in probe_rows)
     proof = httpx.get(f"{state['validator_url']}/v1/streams/{job.job_id}/verdicts/{chat[0].request_id}/proof",
                       headers={"Authorization": f"Bearer {cap}"}, timeout=30)
     assert proof.status_code == 200 and json.loads(proof.content)["verdict"]["ok"] is True
-    job.terminate()
+    # the verdicts reached scoring: the running cycle counts the stream's answers and time, not voided
+    scores = httpx.get(f"{state['validator_url']}/v1/scores", timeout=30).json()["current"]
+    [me] = [m for m in scores["miners"] if m["hotkey"] == mine[0].miner_hotkey]
+    assert me["stream_answers"] >= BATCH + 1 + len(probe_rows) and me["stream_executor_s"] > 0
+    assert not me["stream_voided"] and scores["partial"] and scores["weights"] == {str(me["uid"]): 65535}
+    job.terminate()  # no more probes: nothing new to verify
     streams.close()
+    engine.dispose()
+    idle = time.monotonic() + 120
+    while _workers(v) and time.monotonic() < idle:
+        time.sleep(1)
+    assert _workers(v) == []  # scaled back to zero after the idle timeout
     check_proof_elsewhere(proof.content, local.home)
 
 

@@ -1,6 +1,6 @@
 """Chain backends: one interface (:mod:`.base`), one module per implementation."""
 
-from cluster._private.chain.base import ChainBackend, ChainFeature, Metagraph, Neuron
-from cluster._private.chain.local import LocalChain
+from cluster._private.chain.base import U16_MAX, ChainBackend, ChainFeature, Metagraph, Neuron
+from cluster._private.chain.local import LocalChain, WeightsSet
 
-__all__ = ["ChainBackend", "ChainFeature", "LocalChain", "Metagraph", "Neuron"]
+__all__ = ["U16_MAX", "ChainBackend", "ChainFeature", "LocalChain", "Metagraph", "Neuron", "WeightsSet"]

@@ -1,4 +1,4 @@
-"""The chain interface rayhorde needs: read the metagraph, (later) set weights.
+"""The chain interface rayhorde needs: read the metagraph, set weights.
 
 The default backend is a local file (:mod:`.local`); a bittensor-SDK backend implements the
 same interface. What a backend cannot do is stated with :class:`ChainFeature`, not isinstance.
@@ -10,6 +10,9 @@ import abc
 import enum
 
 from pydantic import BaseModel, Field
+
+
+U16_MAX = 65_535  # weights travel as u16; the largest score maps to this (bittensor's max-normalisation)
 
 
 class ChainFeature(enum.Flag):
@@ -40,5 +43,8 @@ class ChainBackend(abc.ABC):
     def metagraph(self, netuid: int) -> Metagraph:
         """The current metagraph of subnet ``netuid``."""
 
-    def set_weights(self, netuid: int, weights: dict[int, int]) -> None:
+    def set_weights(self, netuid: int, weights: dict[int, int]) -> str:
+        """Set this validator's weights (uid -> u16) on ``netuid``; returns a reference to the
+        record (a log position, an extrinsic hash). Uids left out get weight 0. Raises
+        :class:`~cluster.errors.ChainError` when refused. Only with ``ChainFeature.SET_WEIGHTS``."""
         raise NotImplementedError(f"{type(self).__name__} cannot set weights (features: {self.features})")

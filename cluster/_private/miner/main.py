@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             node_ports_base=ports_base, node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
             cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock),
                                           "RAYHORDE_STREAM_VOLUMES": str(volumes)})
-        node_id = wait_for_file(node_file, proc, timeout_s=60)["node_id"]
+        try:
+            node_id = wait_for_file(node_file, proc, timeout_s=60)["node_id"]
+        except BaseException:
+            ray_node.stop_process(proc)  # its group: a raylet or log monitor it started must not outlive it
+            raise
         validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node_id)))
         log.info("Ray node %s up (pid %s); serving tickets on %s", node_id, proc.pid, sock)
         return proc, node_id

@@ -65,6 +65,16 @@ def build_app(core: ValidatorCore) -> FastAPI:
     def status() -> dict[str, Any]:
         return core.cluster_status()
 
+    @app.get("/v1/scores")
+    def scores(cycle: int | None = None, closed: int = 5) -> dict[str, Any]:
+        """Public, like the weights on the chain: the running cycle (or ``cycle``) and the last closed ones."""
+        if closed < 0 or closed > 100:
+            raise Refused("malformed", f"closed={closed}: ask for 0..100 closed cycles", status_code=400)
+        now = core.clock()
+        view = core.scoring.scores(core.scoring.cycle_of(now) if cycle is None else cycle, now_ns=now)
+        return {"cycle_s": core.settings.score_cycle_s, "current": view.model_dump(mode="json"),
+                "closed": [c.model_dump(mode="json") for c in core.scoring.closed(closed)]}
+
     @app.post("/v1/admission/challenge")
     def challenge(req: ChallengeRequest) -> dict[str, Any]:
         return core.challenge(req).model_dump()

@@ -32,7 +32,8 @@ def read_or_create_token(path: Path) -> str:
 def build_core(settings: ValidatorSettings) -> ValidatorCore:
     settings.home.mkdir(parents=True, exist_ok=True)
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
-    return ValidatorCore(settings, hotkey=hotkey, chain=LocalChain(settings.metagraph_path),
+    chain = LocalChain(settings.metagraph_path, weights_path=settings.resolved_weights_path(), setter=hotkey.ss58)
+    return ValidatorCore(settings, hotkey=hotkey, chain=chain,
                          ray_token=read_or_create_token(settings.token_path()))
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     core = build_core(settings)
     core.start_sweeper()
     core.verification.start(core._stop)
+    core.probes.start(core._stop)
     logging.info("validator %s on %s (db %s)", core.hotkey.ss58, settings.url, settings.resolved_db_url())
     uvicorn.run(build_app(core), host=settings.host, port=settings.port, log_level="warning", access_log=False)
 

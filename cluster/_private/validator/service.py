@@ -33,6 +33,8 @@ from cluster._private.protocol import (
 )
 from cluster._private.settings import ValidatorSettings, load_executor_classes
 from cluster._private.validator import store as db
+from cluster._private.validator.probes import ProbeDesk
+from cluster._private.validator.scoring import ScoringDesk
 from cluster._private.validator.serve_rest import ServeRest
 from cluster._private.validator.streams import StreamDesk
 from cluster._private.validator.verification import VerificationDesk, banned_miners, cluster_runner
@@ -69,6 +71,7 @@ class ValidatorCore:
         if settings.deploy_streams:
             serve = ServeRest(settings.dashboard_url(), ray_token, http_port=settings.resolved_serve_http_port(),
                               request_timeout_s=settings.serve_request_timeout_s)
+        self.probes = ProbeDesk(self)  # before the streams: their client keys include its probe keys
         self.streams = StreamDesk(self, serve)
         runner = None
         if settings.verification_address:
@@ -77,6 +80,7 @@ class ValidatorCore:
             runner = cluster_runner(settings.verification_address, settings.verification_token_path.read_text().strip(),
                                     str(settings.home / "verification-driver"), settings.verifier_factory)
         self.verification = VerificationDesk(self, runner)
+        self.scoring = ScoringDesk(self)
 
     # ------------------------------------------------------------------ helpers
     def _open(self, env: SignedEnvelope, kind: str, signers: list[str] | None = None) -> dict[str, Any]:
@@ -413,6 +417,7 @@ class ValidatorCore:
         if changed:
             self._notify()
         self.streams.sweep()
+        self.scoring.tick()
 
     def start_sweeper(self) -> threading.Thread:
         def loop() -> None:

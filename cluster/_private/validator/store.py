@@ -177,6 +177,28 @@ stream_claims = sa.Table(  # answers collected from miners' proxies, every signa
     sa.Column("verdict", Text, nullable=True),  # the Verdict JSON
 )
 
+score_cycles = sa.Table(  # one row per closed scoring cycle: what was scored and what the chain was told
+    "score_cycles", metadata,
+    sa.Column("cycle", sa.BigInteger, primary_key=True, autoincrement=False),  # start_ns // cycle length
+    sa.Column("start_ns", sa.BigInteger, nullable=False),
+    sa.Column("end_ns", sa.BigInteger, nullable=False),
+    sa.Column("closed_ns", sa.BigInteger, nullable=False),
+    sa.Column("scores", sa.JSON, nullable=False),  # the CycleScores JSON
+    sa.Column("weights", sa.JSON, nullable=False),  # {uid: u16} as sent
+    sa.Column("chain_status", String, nullable=False),  # "set", "skipped: why", "failed: why"
+    sa.Column("chain_ref", String, nullable=True),
+)
+
+probes = sa.Table(  # validator-core's own requests to verifiable streams: always verified (issue 5)
+    "probes", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", String, nullable=True, index=True),  # None: no verified answer came back
+    sa.Column("job_id", String, nullable=False, index=True),
+    sa.Column("miner_hotkey", String, nullable=False),
+    sa.Column("sent_ns", sa.BigInteger, nullable=False),
+    sa.Column("error", Text, nullable=True),
+)
+
 
 def open_engine(url: str) -> sa.Engine:
     """An engine for ``url`` with the schema migrated to the newest version."""
@@ -236,10 +258,16 @@ def _claims_and_cursor(conn: sa.Connection) -> None:
     stream_claims.create(conn, checkfirst=True)
 
 
+def _scores_and_probes(conn: sa.Connection) -> None:
+    score_cycles.create(conn, checkfirst=True)
+    probes.create(conn, checkfirst=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial tables", _initial_tables),
     Migration(2, "streaming jobs", lambda conn: streams.create(conn, checkfirst=True)),
     Migration(3, "verification: collected claims, receipt cursor per stream", _claims_and_cursor),
+    Migration(4, "scoring cycles, probes", _scores_and_probes),
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations

@@ -31,8 +31,9 @@ from cluster._private.envelope import SignedEnvelope
 from cluster._private.protocol import miner_resource
 from cluster._private.validator import store as db
 from cluster._private.validator.serve_rest import BUILDER, ServeRest
-from cluster.errors import InvalidSpec, Refused, ServiceUnavailable
+from cluster.errors import AppRefused, InvalidSpec, Refused, ServiceUnavailable
 from jobs._private.models import Failure, FailureKind, JobStatus, StatusEvent
+from serve_apps._private.keys import PublicKey
 from serve_apps._private.models import READY_KIND, StreamAssignment, StreamReady, StreamSpec, StreamView
 from serve_apps._private.whitelist import Whitelist
 
@@ -79,7 +80,8 @@ class StreamDesk:
             conn.execute(db.capabilities.update().where(db.capabilities.c.id == row.id)
                          .values(jobs_used=row.jobs_used + 1))
             init = {**entry.init, **spec.options, "job_id": job_id, "miner_hotkey": miner,
-                    "client_keys": [k.model_dump() for k in spec.client_keys], "route_prefix": route_prefix(job_id),
+                    "client_keys": [k.model_dump() for k in self.client_keys(job_id, spec)],
+                    "route_prefix": route_prefix(job_id),
                     "max_skew_s": self.settings.max_clock_skew_s}
             if entry.weights_sha256:
                 init["weights_sha256"] = entry.weights_sha256  # the app refuses other weights at start
@@ -94,6 +96,15 @@ class StreamDesk:
             core._event(conn, job_id, 1, JobStatus.accepted, detail=f"placed on miner {miner}")
         self.reconcile()
         return self.get(cap, job_id)
+
+    def client_keys(self, job_id: str, spec: StreamSpec) -> list[PublicKey]:
+        """Who may call the job: the user's keys, and validator-core's probe key when the app is
+        verifiable (:mod:`.probes`). The app, the miner's proxy and the collector all use this list."""
+        try:
+            verifiable = self.whitelist.entry(spec.app, spec.version).verifiable
+        except AppRefused:  # taken off the whitelist since: its running jobs keep their users' keys
+            verifiable = False
+        return self.core.probes.client_keys(job_id, spec.client_keys) if verifiable else list(spec.client_keys)
 
     def terminate(self, cap: "Capability", job_id: str) -> StreamView:
         with self.core._alloc, self.core.engine.begin() as conn:
@@ -138,7 +149,8 @@ class StreamDesk:
             rows = conn.execute(sa.select(db.streams).where(db.streams.c.miner_hotkey == miner,
                                                             db.streams.c.status.in_(ACTIVE))).all()
         return [StreamAssignment(job_id=r.id, route_prefix=route_prefix(r.id),
-                                 client_keys=StreamSpec.model_validate(r.spec).client_keys, deadline_ns=r.deadline_ns,
+                                 client_keys=self.client_keys(r.id, StreamSpec.model_validate(r.spec)),
+                                 deadline_ns=r.deadline_ns,
                                  ready=r.ready_envelope is not None) for r in rows]
 
     def ready(self, job_id: str, env: SignedEnvelope) -> None:

@@ -4,14 +4,20 @@
               receipts after the last one collected from the miner's proxy and check them
               (:mod:`cluster._private.verification.collector`); keep every claim; draw
               ``verify_fraction`` of them for the verifiers (an unpredictable draw: a miner
-              cannot know which answers are checked). A chain gap or a bad signature is a
-              failed verification at once.
+              cannot know which answers are checked) plus validator-core's own probes
+              (:mod:`.probes`), always. A chain gap or a bad signature is a failed
+              verification at once.
     batch     when ``verify_batch_min`` claims wait, or the oldest waited
               ``verify_batch_max_age_s``, hand up to ``verify_batch_max`` of them to the
               verification cluster (its autoscaler starts an 80 GB worker for the batch).
     verdicts  stored verbatim with their evidence; a failed one is a charged incident that bans
-              the miner from new work for ``verification_ban_s``, and a proof anyone can check
-              can be exported (:mod:`cluster._private.verification.proof`).
+              the miner from new work for ``verification_ban_s`` and voids its streaming work
+              of the scoring cycle (:mod:`.scoring`); a proof anyone can check can be exported
+              (:mod:`cluster._private.verification.proof`).
+    batch     after each batch, every miner's answers verified in the current scoring cycle go
+    statistic through the batch statistic (:mod:`cluster._private.verification.calibration`):
+              a copy of lower precision passes answer by answer but misses the model's exact
+              choice more often than honest hardware; failing it is a failed verification too.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import sqlalchemy as sa
 from cluster._private.envelope import SignedEnvelope
 from cluster._private.validator import store as db
 from cluster._private.verification.collector import StreamSource, pull
-from cluster._private.verification.models import Claim, Verdict
+from cluster._private.verification.calibration import BatchCalibration, batch_statistic
+from cluster._private.verification.models import BatchVerdict, Claim, Verdict
 from jobs._private.models import JobStatus
 from serve_apps._private.client_envelope import RequestEnvelope
 from serve_apps._private.models import StreamReady, StreamSpec
@@ -68,7 +75,8 @@ class VerificationDesk:
                         db.stream_claims.c.job_id == s.id, db.stream_claims.c.seq == s.receipts_seq)).scalar()
                     prev = Claim.model_validate_json(raw).receipt.body if raw else None
                 out.append((StreamSource(job_id=s.id, miner_hotkey=s.miner_hotkey, proxy_url=ready.proxy_url,
-                                         job_key=ready.job_key, client_keys=StreamSpec.model_validate(s.spec).client_keys,
+                                         job_key=ready.job_key,
+                                         client_keys=self.core.streams.client_keys(s.id, StreamSpec.model_validate(s.spec)),
                                          route_prefix=f"/jobs/{s.id}", weights_sha256=ready.weights_sha256,
                                          after_seq=s.receipts_seq, prev=prev), s.receipts_seq))
         return out
@@ -93,10 +101,14 @@ class VerificationDesk:
     def _store_collected(self, job_id: str, claims: list[Claim], failures: list[Verdict], last_seq: int) -> None:
         now = self.core.clock()
         with self.core.engine.begin() as conn:
+            probed = set(conn.execute(sa.select(db.probes.c.request_id).where(
+                db.probes.c.request_id.in_([c.request_id for c in claims]))).scalars()) if claims else set()
             for c in claims:
-                # only model answers can be re-scored (a model list, an echo answer: chain-checked only)
+                # only model answers can be re-scored (a model list, an echo answer: chain-checked only);
+                # validator-core's own probes always are
                 scorable = RequestEnvelope.model_validate_json(c.envelope).path.endswith(SCORABLE)
-                state = "pending" if scorable and self._draw.random() < self.settings.verify_fraction else "unsampled"
+                drawn = c.request_id in probed or self._draw.random() < self.settings.verify_fraction
+                state = "pending" if scorable and drawn else "unsampled"
                 conn.execute(db.stream_claims.insert().values(
                     request_id=c.request_id, job_id=job_id, seq=c.receipt.body.seq, miner_hotkey=c.miner_hotkey,
                     collected_ns=now, claim=c.model_dump_json(), state=state))
@@ -140,7 +152,40 @@ class VerificationDesk:
         claims = [Claim.model_validate_json(r.claim) for r in rows]
         verdicts = self.runner(claims, self.settings.verify_margin)
         self.store_verdicts(verdicts)
+        for miner in sorted({v.miner_hotkey for v in verdicts}):
+            self.check_batch(miner)
         return verdicts
+
+    def check_batch(self, miner: str) -> BatchVerdict | None:
+        """The batch statistic over ``miner``'s answers verified in the current scoring cycle; a
+        failure is recorded once per cycle. None: nothing verified yet."""
+        scoring = self.core.scoring
+        start = scoring.cycle_of(self.core.clock()) * scoring.cycle_ns
+        with self.core.engine.connect() as conn:
+            rows = conn.execute(sa.select(db.stream_claims.c.verdict).where(
+                db.stream_claims.c.miner_hotkey == miner, db.stream_claims.c.collected_ns >= start,
+                db.stream_claims.c.state.in_(("verified", "failed")), db.stream_claims.c.verdict.is_not(None))).all()
+        verdicts = [v for v in (Verdict.model_validate_json(r.verdict) for r in rows) if v.checked_tokens > 0]
+        if not verdicts:
+            return None
+        cal = BatchCalibration(verifier="settings", honest_rate=self.settings.verify_batch_honest_rate,
+                               z=self.settings.verify_batch_z)
+        rate, threshold, ok = batch_statistic(verdicts, cal)
+        bv = BatchVerdict(miner_hotkey=miner, ok=ok, request_ids=[v.request_id for v in verdicts],
+                          positions=sum(v.checked_tokens for v in verdicts), mismatch_rate=rate, threshold=threshold,
+                          honest_rate=cal.honest_rate, z=cal.z)
+        if ok:
+            return bv
+        with self.core.engine.begin() as conn:
+            already = conn.execute(sa.select(db.incidents.c.id).where(
+                db.incidents.c.miner_hotkey == miner, db.incidents.c.reason == "verification_failed",
+                db.incidents.c.job_id.is_(None), db.incidents.c.t_ns >= start)).first()
+            if already is None:  # batch failures carry no job: one answer alone proves nothing
+                conn.execute(db.incidents.insert().values(
+                    miner_hotkey=miner, t_ns=self.core.clock(), kind="miner", reason="verification_failed",
+                    job_id=None, attempt=None, evidence=bv.model_dump_json()))
+                log.warning("batch statistic failed for miner %s: %s", miner, bv.message)
+        return bv
 
     def store_verdicts(self, verdicts: list[Verdict]) -> None:
         with self.core.engine.begin() as conn:

@@ -321,6 +321,8 @@ class VerificationCluster:
         if head and int(head) in pids and int(head) in _proc_table() and _proc_table()[int(head)][3] == pids[int(head)]:
             _stop_head_leader(int(head), 30)
         _kill_recorded(pids, state["temp_dir"], [])
+        # the next cluster of this home uses the same temp dir and refuses to start beside another
+        shutil.rmtree(state["temp_dir"], ignore_errors=True)
         state["pids"] = {}
         Path(state_file).write_text(json.dumps(state, indent=2))
         return signalled

@@ -81,3 +81,25 @@ class Verdict(BaseModel):
     max_gap: float = 0.0  # the largest gap of any position (how close the answer came to the margin)
     mismatches: int = 0  # positions whose claimed id is not the verifier's exact choice (gap > 0)
     deficit: float = 0.0  # the sum of the gaps over the positions
+
+
+class BatchVerdict(BaseModel):
+    """The batch statistic over one miner's verified answers in a scoring cycle: a lower-precision
+    copy passes each answer within the margin but misses the exact choice too often."""
+
+    v: int = VERDICT_VERSION
+    miner_hotkey: str
+    ok: bool
+    reason: str = "batch_statistic"
+    request_ids: list[str]  # the answers it was computed over
+    positions: int
+    mismatch_rate: float  # positions whose token was not the verifier's exact choice / positions
+    threshold: float  # honest_rate + z * sqrt(honest_rate (1 - honest_rate) / positions)
+    honest_rate: float
+    z: float
+
+    @property
+    def message(self) -> str:
+        return (f"{self.mismatch_rate:.4f} of {self.positions} positions over {len(self.request_ids)} answers missed "
+                f"the model's exact choice; honest hardware stays under {self.threshold:.4f} (p0 {self.honest_rate:g}, "
+                f"z {self.z:g}): a lower-precision or otherwise different copy of the model")
