@@ -108,6 +108,7 @@ class ValidatorSettings(BaseModel):
     verify_batch_z: float = Field(gt=0, default=4.0)
     verify_probe_interval_s: float = Field(ge=0, default=600)  # validator-core's own requests per verifiable stream; 0: off
     verify_probe_timeout_s: float = Field(gt=0, default=120)
+    verify_keep_warm_s: float = Field(ge=0, default=120)  # the verifier actor waits this long for the next batch
     verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
     verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
     verification_address: str | None = None  # GCS address of the private verification cluster; None: off

@@ -186,6 +186,31 @@ def test_batch_scales_up_one_worker_and_it_idles_out(vcluster):
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_a_warm_verifier_serves_the_next_batch_then_exits_and_the_worker_goes(vcluster):
+    vcluster.wait_workers(0, timeout_s=vcluster.idle_timeout_s + 30)  # the previous test's worker
+    warm = 6.0
+    first = vcluster.client().run_batch([make_claim(i) for i in range(2)], MARGIN, FACTORY, {"tag": "warm"},
+                                        timeout_s=240, scale_up_timeout_s=120, keep_warm_s=warm)
+    second = vcluster.client().run_batch([make_claim(i) for i in range(2, 5)], MARGIN, FACTORY, {"tag": "warm"},
+                                         timeout_s=240, scale_up_timeout_s=120, keep_warm_s=warm)
+    # the same actor (same process: the model loaded once), found by its name from another driver
+    assert second.actor["actor_id"] == first.actor["actor_id"] and second.actor["pid"] == first.actor["pid"]
+    assert first.actor["batches"] == 0 and second.actor["batches"] == 1 and second.timings["verifier_init_s"] == 0
+    assert {v.verifier for v in first.verdicts + second.verdicts} == {first.verdicts[0].verifier}
+    assert len(vcluster.workers()) == 1
+    # idle for ``warm`` seconds: it closes its verifier and exits; then the worker idles out
+    t0 = time.time()
+    vcluster.wait_workers(0, timeout_s=warm + vcluster.idle_timeout_s + 30)
+    vcluster.timings["warm_exit_and_scale_down_s"] = time.time() - t0
+    # a later batch starts a fresh actor
+    third = vcluster.client().run_batch([make_claim(9)], MARGIN, FACTORY, {"tag": "warm"}, timeout_s=240,
+                                        scale_up_timeout_s=120, keep_warm_s=warm)
+    assert third.actor["actor_id"] != first.actor["actor_id"] and third.actor["batches"] == 0
+    vcluster.wait_workers(0, timeout_s=warm + vcluster.idle_timeout_s + 30)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_stop_leaves_no_process_and_no_port(vcluster):
     """With a fake worker node up (held by an explicit resource request), ``stop`` kills the
     head, the autoscaler's fake node and the driver holding it; no pid or port survives."""

@@ -48,7 +48,8 @@ def vstack(engine, tmp_path_factory):
         "RAYHORDE_VALIDATOR_VERIFY_FRACTION": "1", "RAYHORDE_VALIDATOR_VERIFY_BATCH_MIN": str(BATCH),
         "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1",
         "RAYHORDE_VALIDATOR_SCORE_CYCLE_S": str(10 ** 9),  # no cycle boundary inside the test
-        "RAYHORDE_VALIDATOR_VERIFY_PROBE_INTERVAL_S": "10"})
+        "RAYHORDE_VALIDATOR_VERIFY_PROBE_INTERVAL_S": "10",
+        "RAYHORDE_VALIDATOR_VERIFY_KEEP_WARM_S": "5"})  # batches in a row share one actor, then it exits
     state = local.up()
     try:
         yield local, state
@@ -114,7 +115,7 @@ def test_sampled_answers_are_verified_on_an_autoscaled_worker_that_then_goes_awa
     job.terminate()  # no more probes: nothing new to verify
     streams.close()
     engine.dispose()
-    idle = time.monotonic() + 120
+    idle = time.monotonic() + 150
     while _workers(v) and time.monotonic() < idle:
         time.sleep(1)
     assert _workers(v) == []  # scaled back to zero after the idle timeout

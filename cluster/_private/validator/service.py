@@ -78,7 +78,8 @@ class ValidatorCore:
             if settings.verification_token_path is None:
                 raise ConfigError("verification_address needs verification_token_path (that cluster's Ray token)")
             runner = cluster_runner(settings.verification_address, settings.verification_token_path.read_text().strip(),
-                                    str(settings.home / "verification-driver"), settings.verifier_factory)
+                                    str(settings.home / "verification-driver"), settings.verifier_factory,
+                                    keep_warm_s=settings.verify_keep_warm_s)
         self.verification = VerificationDesk(self, runner)
         self.scoring = ScoringDesk(self)
 

@@ -244,13 +244,15 @@ class VerificationDesk:
         return out
 
 
-def cluster_runner(address: str, token: str, work_dir: str, factory: str) -> BatchRunner:
+def cluster_runner(address: str, token: str, work_dir: str, factory: str, keep_warm_s: float = 0) -> BatchRunner:
     """Batches go to the private verification cluster (its autoscaler adds a worker for them),
-    through a driver subprocess: validator-core itself never joins a Ray cluster."""
+    through a driver subprocess: validator-core itself never joins a Ray cluster. The verifier
+    actor stays warm ``keep_warm_s`` for the next batch (then exits; the worker idles out)."""
     def run(claims: list[Claim], margin: float) -> list[Verdict]:
         from cluster._private.verification.cluster import VerificationClient
 
-        result = VerificationClient(address, token, work_dir=work_dir).run_batch(claims, margin, factory)
+        result = VerificationClient(address, token, work_dir=work_dir).run_batch(claims, margin, factory,
+                                                                                 keep_warm_s=keep_warm_s)
         log.info("verified %d answers on %s in %s", len(claims), result.actor, result.timings)
         return result.verdicts
     return run

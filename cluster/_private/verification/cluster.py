@@ -370,7 +370,7 @@ class VerificationClient:
     def run_batch(self, claims: list[Claim], margin: float, factory: str,
                   factory_kwargs: dict[str, Any] | None = None, *, timeout_s: float = 900,
                   scale_up_timeout_s: float = 300, verify_timeout_s: float = 600,
-                  num_gpus: float = 0) -> BatchResult:
+                  num_gpus: float = 0, keep_warm_s: float = 0) -> BatchResult:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tag = f"{int(time.time() * 1000)}-{secrets.token_hex(3)}"
         claims_path = self.work_dir / f"claims-{tag}.json"
@@ -382,7 +382,7 @@ class VerificationClient:
                f"--margin={margin}", f"--factory={factory}",
                f"--factory-kwargs={json.dumps(factory_kwargs or {})}",
                f"--scale-up-timeout-s={scale_up_timeout_s}", f"--verify-timeout-s={verify_timeout_s}",
-               f"--num-gpus={num_gpus}"]
+               f"--num-gpus={num_gpus}", f"--keep-warm-s={keep_warm_s}"]
         env = {**ray_node.ray_env(self.token), "PYTHONPATH": str(REPO_ROOT), **self.extra_env}
         with open(log_path, "ab", buffering=0) as log:
             proc = subprocess.Popen(cmd, env=env, cwd=str(self.work_dir), stdin=subprocess.DEVNULL,
