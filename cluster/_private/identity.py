@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Callable
@@ -99,3 +100,16 @@ def load_or_create_wallet(wallet_dir: str | os.PathLike, name: str, *, uri: str 
         json.dump(data, fh)
     os.replace(tmp, path)
     return hotkey
+
+
+def read_or_create_secret(path: Path) -> str:
+    """A 32-byte random secret as hex, kept 0600 at ``path`` and created on first use (a Ray
+    cluster token, validator-core's probe-key secret). Written beside and renamed: never half written."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(secrets.token_hex(32))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+    return path.read_text().strip()

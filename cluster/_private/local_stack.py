@@ -122,10 +122,9 @@ class LocalStack:
         venv.update(self.validator_env)
         vsettings = load_settings(ValidatorSettings, self.validator_config, env_prefix="__unused__",
                                   **{k.removeprefix("RAYHORDE_VALIDATOR_").lower(): _parse_env(v) for k, v in venv.items()})
-        from cluster._private.validator.main import read_or_create_token  # not at import: `import cluster`
-        # must not load validator-core (it imports serve_apps, which imports cluster)
+        from cluster._private.identity import read_or_create_secret
 
-        token = read_or_create_token(vsettings.token_path())
+        token = read_or_create_secret(vsettings.token_path())
         ports = ray_node.HeadPorts.from_base(base)
         state: dict[str, Any] = {"home": str(self.home), "validator_url": vsettings.url,
                                  "dashboard_url": ports.dashboard_url, "gcs_address": ports.gcs_address,

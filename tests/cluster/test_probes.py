@@ -48,8 +48,9 @@ def test_a_verifiable_stream_admits_one_extra_key_only_validator_core_can_sign_w
     assert secret.stat().st_mode & 0o777 == 0o600
     again = ValidatorCore(h.settings, hotkey=ALICE, chain=h.chain, ray_token="token", clock=h.clock)
     h.cores.append(again)
-    assert again.streams.client_keys(view.job_id, StreamSpec(app="llm", version="1",
-                                                              client_keys=[u.public for u in users])) == proxy_keys
+    assert again.probes.client_keys(view.job_id, [u.public for u in users]) == proxy_keys
+    [after] = [a for a in again.streams.assigned(view.miner_hotkey) if a.job_id == view.job_id]
+    assert after.client_keys == proxy_keys
     others = {h.core.probes.key(f"s{i}").public.public for i in range(20)}
     assert len(others) == 20 and probe.public not in others
     # its place among the user's keys varies between jobs (a fixed place would give it away)

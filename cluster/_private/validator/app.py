@@ -70,6 +70,8 @@ def build_app(core: ValidatorCore) -> FastAPI:
         """Public, like the weights on the chain: the running cycle (or ``cycle``) and the last closed ones."""
         if closed < 0 or closed > 100:
             raise Refused("malformed", f"closed={closed}: ask for 0..100 closed cycles", status_code=400)
+        if cycle is not None and cycle < 0:
+            raise Refused("malformed", f"cycle={cycle}: cycles count from 0 (the Unix epoch)", status_code=400)
         now = core.clock()
         view = core.scoring.scores(core.scoring.cycle_of(now) if cycle is None else cycle, now_ns=now)
         return {"cycle_s": core.settings.score_cycle_s, "current": view.model_dump(mode="json"),

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import secrets
-from pathlib import Path
 
 import uvicorn
 
 from cluster._private.chain import LocalChain
-from cluster._private.identity import load_or_create_wallet
+from cluster._private.identity import load_or_create_wallet, read_or_create_secret
 from cluster._private.settings import ValidatorSettings, load_settings
 from cluster._private.validator.app import build_app
 from cluster._private.validator.service import ValidatorCore
-
-
-def read_or_create_token(path: Path) -> str:
-    """The Ray cluster token: one shared secret per cluster epoch (DESIGN §1), stored 0600."""
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(32)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(token)
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    return token
 
 
 def build_core(settings: ValidatorSettings) -> ValidatorCore:
@@ -34,7 +19,7 @@ def build_core(settings: ValidatorSettings) -> ValidatorCore:
     hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
     chain = LocalChain(settings.metagraph_path, weights_path=settings.resolved_weights_path(), setter=hotkey.ss58)
     return ValidatorCore(settings, hotkey=hotkey, chain=chain,
-                         ray_token=read_or_create_token(settings.token_path()))
+                         ray_token=read_or_create_secret(settings.token_path()))
 
 
 def main(argv: list[str] | None = None) -> None:

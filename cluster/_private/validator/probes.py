@@ -28,19 +28,20 @@ import logging
 import random
 import secrets
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import sqlalchemy as sa
 
 from cluster._private.envelope import SignedEnvelope
+from cluster._private.identity import read_or_create_secret
 from cluster._private.validator import store as db
+from cluster._private.validator.streams import client_keys
 from jobs._private.models import JobStatus
 from serve_apps._private.client import VerifyingTransport
 from serve_apps._private.client_envelope import REQUEST_HEADER, RequestSigner, sign_request
 from serve_apps._private.keys import PublicKey, SigningKey
-from serve_apps._private.models import StreamReady, StreamSpec
+from serve_apps._private.models import StreamReady
 from serve_apps._private.receipts import ReceiptInvalid
 
 if TYPE_CHECKING:
@@ -59,18 +60,6 @@ WORDS = ("cat", "light", "tree", "stone", "rain", "sun", "fire", "door")
 STYLES = ("", " Keep it short.", " Use simple words.", " Answer in one line.", " Be precise.", " Be friendly.")
 
 
-def read_or_create_secret(path: Path) -> bytes:
-    """32 random bytes kept 0600 at ``path`` (created once; validator-core only)."""
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(secrets.token_hex(32))
-    tmp.chmod(0o600)
-    tmp.replace(path)
-    return bytes.fromhex(path.read_text().strip())
-
-
 def probe_prompt(rng: random.Random) -> dict:
     """A chat request body (without ``model``) like a client's: varied prompt, sampler, length."""
     a, b = rng.randint(2, 99), rng.randint(2, 99)
@@ -87,7 +76,7 @@ class ProbeDesk:
     def __init__(self, core: "ValidatorCore") -> None:
         self.core = core
         self.settings = core.settings
-        self._secret = read_or_create_secret(self.settings.home / "probe_secret")
+        self._secret = bytes.fromhex(read_or_create_secret(self.settings.home / "probe_secret"))
         self._rng = random.Random(secrets.randbits(64))  # prompts and timing: not predictable by a miner
         self._next_ns: dict[str, int] = {}  # job id -> when its next probe is due
 
@@ -107,15 +96,13 @@ class ProbeDesk:
     def _due(self) -> list[sa.Row]:
         now = self.core.clock()
         interval_ns = int(self.settings.verify_probe_interval_s * NS)
-        verifiable = {(e.name, e.version) for e in self.core.streams.whitelist.apps if e.verifiable}
         with self.core.engine.connect() as conn:
             rows = conn.execute(sa.select(db.streams).where(
                 db.streams.c.status == JobStatus.streaming_ready.value)).all()
         due = []
         for s in rows:
-            spec = StreamSpec.model_validate(s.spec)
-            if (spec.app, spec.version) not in verifiable:
-                continue
+            if self.key(s.id).public not in client_keys(s):
+                continue  # deployed without a probe key: not a verifiable app
             first = self._next_ns.setdefault(s.id, now + int(self._rng.random() * interval_ns))
             if now >= first:
                 due.append(s)

@@ -31,7 +31,7 @@ from cluster._private.envelope import SignedEnvelope
 from cluster._private.protocol import miner_resource
 from cluster._private.validator import store as db
 from cluster._private.validator.serve_rest import BUILDER, ServeRest
-from cluster.errors import AppRefused, InvalidSpec, Refused, ServiceUnavailable
+from cluster.errors import InvalidSpec, Refused, ServiceUnavailable
 from jobs._private.models import Failure, FailureKind, JobStatus, StatusEvent
 from serve_apps._private.keys import PublicKey
 from serve_apps._private.models import READY_KIND, StreamAssignment, StreamReady, StreamSpec, StreamView
@@ -44,6 +44,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("rayhorde.validator")
 NS = 1_000_000_000
 ACTIVE = (JobStatus.accepted.value, JobStatus.streaming_ready.value)
+
+
+def client_keys(s: sa.Row) -> list[PublicKey]:
+    """Who may call a streaming job: the keys its app was deployed with (the miner's proxy and the
+    collector use the same list; a whitelist edited later does not change a running job's)."""
+    init = ((s.serve_app or {}).get("args") or {}).get("init") or {}
+    if "client_keys" in init:
+        return [PublicKey.model_validate(k) for k in init["client_keys"]]
+    return StreamSpec.model_validate(s.spec).client_keys
 
 
 def route_prefix(job_id: str) -> str:
@@ -79,8 +88,11 @@ class StreamDesk:
                               status_code=503)
             conn.execute(db.capabilities.update().where(db.capabilities.c.id == row.id)
                          .values(jobs_used=row.jobs_used + 1))
+            # who may call it, fixed here for the job's life: its user's keys, and on a verifiable
+            # app validator-core's probe key among them (:mod:`.probes`)
+            keys = self.core.probes.client_keys(job_id, spec.client_keys) if entry.verifiable else spec.client_keys
             init = {**entry.init, **spec.options, "job_id": job_id, "miner_hotkey": miner,
-                    "client_keys": [k.model_dump() for k in self.client_keys(job_id, spec)],
+                    "client_keys": [k.model_dump() for k in keys],
                     "route_prefix": route_prefix(job_id),
                     "max_skew_s": self.settings.max_clock_skew_s}
             if entry.weights_sha256:
@@ -96,15 +108,6 @@ class StreamDesk:
             core._event(conn, job_id, 1, JobStatus.accepted, detail=f"placed on miner {miner}")
         self.reconcile()
         return self.get(cap, job_id)
-
-    def client_keys(self, job_id: str, spec: StreamSpec) -> list[PublicKey]:
-        """Who may call the job: the user's keys, and validator-core's probe key when the app is
-        verifiable (:mod:`.probes`). The app, the miner's proxy and the collector all use this list."""
-        try:
-            verifiable = self.whitelist.entry(spec.app, spec.version).verifiable
-        except AppRefused:  # taken off the whitelist since: its running jobs keep their users' keys
-            verifiable = False
-        return self.core.probes.client_keys(job_id, spec.client_keys) if verifiable else list(spec.client_keys)
 
     def terminate(self, cap: "Capability", job_id: str) -> StreamView:
         with self.core._alloc, self.core.engine.begin() as conn:
@@ -149,7 +152,7 @@ class StreamDesk:
             rows = conn.execute(sa.select(db.streams).where(db.streams.c.miner_hotkey == miner,
                                                             db.streams.c.status.in_(ACTIVE))).all()
         return [StreamAssignment(job_id=r.id, route_prefix=route_prefix(r.id),
-                                 client_keys=self.client_keys(r.id, StreamSpec.model_validate(r.spec)),
+                                 client_keys=client_keys(r),
                                  deadline_ns=r.deadline_ns,
                                  ready=r.ready_envelope is not None) for r in rows]
 

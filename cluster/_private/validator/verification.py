@@ -32,12 +32,13 @@ import sqlalchemy as sa
 
 from cluster._private.envelope import SignedEnvelope
 from cluster._private.validator import store as db
+from cluster._private.validator.streams import client_keys
 from cluster._private.verification.collector import StreamSource, pull
 from cluster._private.verification.calibration import BatchCalibration, batch_statistic
 from cluster._private.verification.models import BatchVerdict, Claim, Verdict
 from jobs._private.models import JobStatus
 from serve_apps._private.client_envelope import RequestEnvelope
-from serve_apps._private.models import StreamReady, StreamSpec
+from serve_apps._private.models import StreamReady
 
 if TYPE_CHECKING:
     from cluster._private.validator.service import ValidatorCore
@@ -76,7 +77,7 @@ class VerificationDesk:
                     prev = Claim.model_validate_json(raw).receipt.body if raw else None
                 out.append((StreamSource(job_id=s.id, miner_hotkey=s.miner_hotkey, proxy_url=ready.proxy_url,
                                          job_key=ready.job_key,
-                                         client_keys=self.core.streams.client_keys(s.id, StreamSpec.model_validate(s.spec)),
+                                         client_keys=client_keys(s),
                                          route_prefix=f"/jobs/{s.id}", weights_sha256=ready.weights_sha256,
                                          after_seq=s.receipts_seq, prev=prev), s.receipts_seq))
         return out
