@@ -456,9 +456,9 @@ def _find_cluster_processes(temp_dir: str, roots: list[int]) -> dict[int, str]:
     return found
 
 
-def _listening_ports(pids: dict[int, str] | list[int]) -> set[int]:
-    """TCP ports (v4 and v6) on which any of ``pids`` has a listening socket."""
-    inodes: dict[str, int] = {}
+def _tcp_listeners() -> list[tuple[str, int]]:
+    """(socket inode, port) of every listening TCP socket on this host, v4 and v6."""
+    out = []
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(name) as f:
@@ -466,9 +466,15 @@ def _listening_ports(pids: dict[int, str] | list[int]) -> set[int]:
                 for line in f:
                     parts = line.split()
                     if parts[3] == "0A":  # LISTEN
-                        inodes[parts[9]] = int(parts[1].rsplit(":", 1)[1], 16)
+                        out.append((parts[9], int(parts[1].rsplit(":", 1)[1], 16)))
         except OSError:
             pass
+    return out
+
+
+def _listening_ports(pids: dict[int, str] | list[int]) -> set[int]:
+    """TCP ports (v4 and v6) on which any of ``pids`` has a listening socket."""
+    inodes = dict(_tcp_listeners())
     ports = set()
     for pid in pids:
         try:
@@ -486,19 +492,7 @@ def _listening_ports(pids: dict[int, str] | list[int]) -> set[int]:
 
 def listening_ports(ports: set[int]) -> set[int]:
     """Which of ``ports`` have a listening TCP socket on this host right now (any process)."""
-    live = set()
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    port = int(parts[1].rsplit(":", 1)[1], 16)
-                    if parts[3] == "0A" and port in ports:
-                        live.add(port)
-        except OSError:
-            pass
-    return live
+    return {port for _, port in _tcp_listeners() if port in ports}
 
 
 def _stop_head_leader(head: subprocess.Popen | int, timeout_s: float) -> None:

@@ -29,13 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence
@@ -46,11 +42,11 @@ from serve_apps._private.client_envelope import REQUEST_HEADER, SIGNATURE_HEADER
 from serve_apps._private.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, parse_job_half
 from serve_apps._private.keys import SigningKey
 from serve_apps._private.llm.engine import EngineCapability, GenerationRequest, InferenceEngine
+from serve_apps._private.llm.model import built_once
 from serve_apps._private.receipts import miner_countersign
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
-_COMPLETE = ".rayhorde-complete"
 
 
 # -- the app, in-process ----------------------------------------------------------------------
@@ -195,19 +191,17 @@ def answer_ids(claim: Claim) -> list[int]:
     return ids
 
 
-def chat_body(model: str, messages: list[dict], *, max_tokens: int, temperature: float = 0, top_k: int | None = None,
-              stream: bool = False) -> dict:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-    if top_k is not None:
-        body["top_k"] = top_k
-    if stream:
-        body["stream"] = True
-    return body
+def chat_body(model: str, messages: list[dict], **sampling) -> dict:
+    return _body({"model": model, "messages": messages}, **sampling)
 
 
-def completion_body(model: str, prompt: str, *, max_tokens: int, temperature: float = 0, top_k: int | None = None,
-                    stream: bool = False) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature}
+def completion_body(model: str, prompt: str, **sampling) -> dict:
+    return _body({"model": model, "prompt": prompt}, **sampling)
+
+
+def _body(body: dict, *, max_tokens: int, temperature: float = 0, top_k: int | None = None,
+          stream: bool = False) -> dict:
+    body.update(max_tokens=max_tokens, temperature=temperature)
     if top_k is not None:
         body["top_k"] = top_k
     if stream:
@@ -512,32 +506,4 @@ def gemma_folder() -> Path:
 
 
 def _built(name: str, build: Callable[[Path], None]) -> Path:
-    root = cheats_dir()
-    target = root / name
-    if (target / _COMPLETE).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{name}.lock"):
-        if (target / _COMPLETE).is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
-        try:
-            build(tmp)
-            (tmp / _COMPLETE).write_text(name + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return target
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return built_once(cheats_dir() / name, build, marker=name)

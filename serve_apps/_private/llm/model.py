@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+from typing import Callable
 from pathlib import Path
 
 from cluster.errors import ConfigError
@@ -76,21 +77,26 @@ def gguf_path(source: str = DEFAULT_SOURCE) -> Path:
 def ensure_model(source: str = DEFAULT_SOURCE, cache_dir: Path | None = None) -> Path:
     """The fp32 HF folder for ``source`` under ``cache_dir``, built on first use."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / model_dir_name(source)
+    return built_once(cache / model_dir_name(source), lambda tmp: _convert(gguf_path(source), tmp), marker=source)
+
+
+def built_once(target: Path, build: Callable[[Path], None], *, marker: str) -> Path:
+    """``target``, built by ``build(tmp_dir)`` unless a complete one is there: one builder at a
+    time (a lock file beside it), into a temporary folder renamed into place, so a killed build
+    never leaves a folder that looks complete. Also used for the verification testbed's models."""
     if (target / _COMPLETE).is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / f".{target.name}.lock"):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(target.parent / f".{target.name}.lock"):
         if (target / _COMPLETE).is_file():  # another process built it while we waited
             return target
-        gguf = gguf_path(source)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            _convert(gguf, tmp)
-            (tmp / _COMPLETE).write_text(f"{source}\n")
+            build(tmp)
+            (tmp / _COMPLETE).write_text(f"{marker}\n")
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; replicas may run as another user
             for f in tmp.iterdir():
-                os.chmod(f, 0o644)
+                os.chmod(f, 0o755 if f.is_dir() else 0o644)
             if target.exists():  # a half-built folder left by a killed build
                 shutil.rmtree(target)
             os.rename(tmp, target)
