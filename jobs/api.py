@@ -1,7 +1,7 @@
 """The public surface of ``jobs``: what a driver script needs to run organic jobs."""
 
 from jobs._private.client import JobHandle, JobNotFinished, submit
-from jobs._private.models import Failure, FailureKind, JobResult, JobSpec, JobStatus, JobView, StatusEvent
+from cluster.protocol.jobs import Failure, FailureKind, JobResult, JobSpec, JobStatus, JobView, StatusEvent
 
 __all__ = [
     "Failure",

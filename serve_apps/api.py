@@ -4,14 +4,14 @@ whitelist and weights digest), usable by any client or validator.
 
 The apps themselves live beside this module (``serve_apps.echo``, ``serve_apps.llm``)."""
 
-from serve_apps._private.client_envelope import (
+from cluster.protocol.client_envelope import (
     REQUEST_HEADER, SIGNATURE_HEADER, RequestEnvelope, RequestRefused, RequestSigner, check_request, sign_request,
 )
 from serve_apps._private.client import Answer, StreamFailed, StreamJob, Streams, VerifyingTransport
-from serve_apps._private.keys import PublicKey, SigningKey
-from serve_apps._private.models import StreamReady, StreamSpec, StreamView
-from serve_apps._private.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
-from serve_apps._private.receipts import (
+from cluster.protocol.keys import PublicKey, SigningKey
+from cluster.protocol.streams import StreamReady, StreamSpec, StreamView
+from cluster.protocol.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
+from cluster.protocol.receipts import (
     RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptChain, ReceiptInvalid, job_sign, miner_countersign, split_sse,
     verify_receipt,
 )

@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.errors import Refused
-from serve_apps._private.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, JobSide
-from serve_apps._private.keys import PublicKey
+from cluster.protocol.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, JobSide
+from cluster.protocol.keys import PublicKey
 
 
 class EchoApp:

@@ -4,7 +4,7 @@ Routes under the job's prefix: ``GET /v1/models``, ``POST /v1/chat/completions``
 ``POST /v1/completions`` (``stream`` true: server-sent events ending ``data: [DONE]``; false:
 JSON), and ``GET /-/key`` (``{job_id, job_key, weights_sha256}``, read by the miner agent for the
 readiness message). It is a plain ASGI-callable class like :class:`serve_apps.echo.EchoApp`:
-Ray Serve deploys it (validator-core, through ``serve_apps._private.builder``), tests run it
+Ray Serve deploys it (validator-core, through ``serve_apps.builder``), tests run it
 under uvicorn.
 
 What makes answers checkable (DESIGN §2): every request's client envelope is checked by the job
@@ -27,13 +27,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.errors import ConfigError, Refused
-from serve_apps._private.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, JobSide
-from serve_apps._private.keys import PublicKey
-from serve_apps._private.llm import openai_api as api
-from serve_apps._private.llm.engine import (
+from cluster.protocol.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, JobSide
+from cluster.protocol.keys import PublicKey
+from serve_apps.inference import openai_api as api
+from serve_apps.inference.engine import (
     MAX_PROMPT_TOKENS, EngineCapability, InferenceEngine, chat_prompt_ids,
 )
-from serve_apps._private.whitelist import AppRefused, weights_digest
+from cluster.protocol.whitelist import AppRefused, weights_digest
 
 log = logging.getLogger("rayhorde.llm")
 ENGINES = ("vllm", "transformers")
@@ -199,7 +199,7 @@ def _check_digest(got: str, pinned: str | None, where) -> None:
 
 
 def _start_engine(kind: str, model_source: str, cache_dir: str | None, pinned: str | None) -> InferenceEngine:
-    from serve_apps._private.llm.model import ensure_model
+    from serve_apps.inference.model import ensure_model
 
     if kind not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES} or an InferenceEngine, got {kind!r}")
@@ -207,9 +207,9 @@ def _start_engine(kind: str, model_source: str, cache_dir: str | None, pinned: s
     digest = weights_digest(folder)
     _check_digest(digest, pinned, folder)  # before the engine costs seconds and memory
     if kind == "vllm":
-        from serve_apps._private.llm.vllm_engine import VLLMEngine
+        from serve_apps.inference.vllm_engine import VLLMEngine
 
         return VLLMEngine(folder, weights_sha256=digest)
-    from serve_apps._private.llm.transformers_engine import TransformersEngine
+    from serve_apps.inference.transformers_engine import TransformersEngine
 
     return TransformersEngine(folder, weights_sha256=digest)

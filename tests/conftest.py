@@ -74,9 +74,9 @@ def hub():
 def stack(engine, hub, tmp_path_factory) -> Stack:
     import ray
 
-    from cluster._private.identity import Hotkey
-    from cluster._private.local_stack import LocalStack
-    from cluster._private.user import request_capability
+    from cluster.protocol.identity import Hotkey
+    from cluster.devstack.local_stack import LocalStack
+    from cluster.protocol.user import request_capability
 
     home = tmp_path_factory.mktemp("stack")
     whitelist = home / "serve_apps.toml"  # the shipped whitelist + one entry pinning other weights

@@ -19,9 +19,9 @@ from typing import Any
 import ray
 from pydantic import ValidationError
 
-from cluster._private.http import ServiceClient
+from cluster.protocol.http import ServiceClient
 from cluster.errors import InvalidSpec, ServiceUnavailable, TicketRefused, UsageError
-from jobs._private.models import JobSpec, JobState, JobView, Submitted, TicketRef
+from cluster.protocol.jobs import JobSpec, JobState, JobView, Submitted, TicketRef
 from jobs._private.task import organic_task
 
 log = logging.getLogger("rayhorde.jobs")

@@ -25,14 +25,14 @@ from typing import Callable, Iterator
 
 import httpx
 
-from cluster._private.envelope import SignedEnvelope, open_envelope
-from cluster._private.http import ServiceClient
+from cluster.protocol.envelope import SignedEnvelope, open_envelope
+from cluster.protocol.http import ServiceClient
 from cluster.errors import Refused, ServiceUnavailable
-from jobs._private.models import JobStatus
-from serve_apps._private.client_envelope import RequestSigner
-from serve_apps._private.keys import SigningKey
-from serve_apps._private.models import READY_KIND, StreamReady, StreamSpec, StreamView
-from serve_apps._private.receipts import RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptInvalid, split_sse, verify_receipt
+from cluster.protocol.jobs import JobStatus
+from cluster.protocol.client_envelope import RequestSigner
+from cluster.protocol.keys import SigningKey
+from cluster.protocol.streams import READY_KIND, StreamReady, StreamSpec, StreamView
+from cluster.protocol.receipts import RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptInvalid, split_sse, verify_receipt
 
 
 _DONE = b"data: [DONE]"

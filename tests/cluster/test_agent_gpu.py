@@ -16,7 +16,7 @@ def test_agent_refuses_to_offer_a_gpu_class_without_the_toolkit(engine, tmp_path
     env = {**os.environ, "RAYHORDE_MINER_HOME": str(tmp_path / "m"), "RAYHORDE_MINER_WALLET_DIR": str(tmp_path / "w"),
            "RAYHORDE_MINER_VALIDATOR_URL": "http://127.0.0.1:9",  # never reached: refused before admission
            "RAYHORDE_MINER_EXECUTOR_CLASSES": '{"always_on.gpu-24gb": 1}'}
-    done = subprocess.run([sys.executable, "-m", "cluster._private.miner.main", "--config",
+    done = subprocess.run([sys.executable, "-m", "cluster.miner.main", "--config",
                            str(REPO / "configs/miner.local.toml")], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 2

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from cluster.cli import main
+from cluster.cli.main import main
 from tests.conftest import HELLO, IMAGE
 
 pytestmark = pytest.mark.integration

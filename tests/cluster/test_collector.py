@@ -9,11 +9,11 @@ import hashlib
 import httpx
 import pytest
 
-from cluster._private.identity import Hotkey
-from cluster._private.miner.proxy import JobRoute, MinerProxy
-from cluster._private.verification.collector import StreamSource, pull
+from cluster.protocol.identity import Hotkey
+from cluster.miner.proxy import JobRoute, MinerProxy
+from cluster.verification.collector import StreamSource, pull
 from serve_apps import RequestSigner, SigningKey
-from serve_apps._private.keys import PublicKey
+from cluster.protocol.keys import PublicKey
 from serve_apps.echo import EchoApp
 from tests.serve_apps.test_proxy import JOB, MINER, PREFIX, Served, echo_asgi
 

@@ -5,9 +5,9 @@ import stat
 
 import pytest
 
-from cluster._private.chain import LocalChain
-from cluster._private.identity import load_or_create_wallet
-from cluster._private.settings import REPO_ROOT, MinerSettings, ValidatorSettings, load_executor_classes, load_settings
+from cluster.chain import LocalChain
+from cluster.protocol.identity import load_or_create_wallet
+from cluster.settings import REPO_ROOT, MinerSettings, ValidatorSettings, load_executor_classes, load_settings
 from cluster.errors import ConfigError
 
 

@@ -2,10 +2,10 @@
 
 import pytest
 
-from cluster._private.canonical import canonical_bytes
-from cluster._private.envelope import SignedEnvelope, open_envelope, seal
-from cluster._private.identity import Hotkey, offset_clock
-from cluster._private.validator.store import DbNonceGuard, open_engine
+from cluster.protocol.canonical import canonical_bytes
+from cluster.protocol.envelope import SignedEnvelope, open_envelope, seal
+from cluster.protocol.identity import Hotkey, offset_clock
+from cluster.validator.store import DbNonceGuard, open_engine
 from cluster.errors import SignatureRejected
 
 

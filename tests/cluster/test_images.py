@@ -27,12 +27,12 @@ import docker
 import docker.errors
 import pytest
 
-from cluster._private.miner.docker_runtime import PULL_THREAD_PREFIX, DockerRuntime
-from cluster._private.miner.images import (
+from cluster.miner.docker_runtime import PULL_THREAD_PREFIX, DockerRuntime
+from cluster.protocol.images import (
     GpuUnsupported, ImageDenied, ImagePolicy, ImagePullFailed, InvalidImageReference, ToolkitVersion,
     check_gpu_support, digest_matches, nvidia_toolkit_version, parse_reference, parse_toolkit_version,
 )
-from cluster._private.miner.runtime import ContainerRun, RuntimeFeature
+from cluster.miner.runtime import ContainerRun, RuntimeFeature
 from tests.conftest import DOCKER_HOST, IMAGE, REPO
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import httpx
 import psutil
 import pytest
 
-from cluster._private.demo import listening_sockets, process_tree
-from cluster._private.local_stack import LocalStack
+from cluster.cli.demo import listening_sockets, process_tree
+from cluster.devstack.local_stack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cluster._private.settings import ValidatorSettings
-from cluster._private.validator import store as db
-from cluster._private.validator.probes import probe_prompt
-from cluster._private.validator.service import ValidatorCore
-from serve_apps._private.keys import SigningKey
-from serve_apps._private.models import StreamSpec
+from cluster.settings import ValidatorSettings
+from cluster.validator import store as db
+from cluster.validator.probes import probe_prompt
+from cluster.validator.service import ValidatorCore
+from cluster.protocol.keys import SigningKey
+from cluster.protocol.streams import StreamSpec
 from tests.cluster.test_scoring import ScoringHarness
 from tests.cluster.test_validator_service import ALICE, BOB, CHARLIE
 

@@ -11,12 +11,12 @@ import sys
 import httpx
 import pytest
 
-from cluster._private.envelope import seal
-from cluster._private.identity import Hotkey
-from cluster._private.verification.collector import pull
-from cluster._private.verification.models import Verdict
-from cluster._private.verification.proof import ProofInvalid, check_proof, make_proof
-from serve_apps._private.models import READY_KIND, StreamReady
+from cluster.protocol.envelope import seal
+from cluster.protocol.identity import Hotkey
+from cluster.verification.collector import pull
+from cluster.verification.models import Verdict
+from cluster.verification.proof import ProofInvalid, check_proof, make_proof
+from cluster.protocol.streams import READY_KIND, StreamReady
 from tests.cluster.test_collector import MINER, VALIDATOR, served  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ def test_a_proof_checks_in_another_process_and_any_edited_byte_fails(proof_bytes
     assert check_proof(proof_bytes).verdict.reason == "not_argmax"
     path = tmp_path / "proof.json"
     path.write_bytes(proof_bytes)
-    ok = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path), "--no-rescore"],
+    ok = subprocess.run([sys.executable, "-m", "cluster.cli.main", "verify-proof", str(path), "--no-rescore"],
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
     assert "proof verified" in ok.stdout and "not_argmax at position 3" in ok.stdout
@@ -53,7 +53,7 @@ def test_a_proof_checks_in_another_process_and_any_edited_byte_fails(proof_bytes
     edited = bytearray(proof_bytes)
     edited[len(edited) // 2] ^= 0x04
     path.write_bytes(bytes(edited))
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path), "--no-rescore"],
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli.main", "verify-proof", str(path), "--no-rescore"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "proof refused" in bad.stderr
 
@@ -61,7 +61,7 @@ def test_a_proof_checks_in_another_process_and_any_edited_byte_fails(proof_bytes
 def test_a_proof_signed_by_someone_else_or_for_other_weights_is_refused(proof_bytes):
     import json
 
-    from cluster._private.canonical import canonical_bytes
+    from cluster.protocol.canonical import canonical_bytes
     doc = json.loads(proof_bytes)
     doc["validator"] = Hotkey.from_uri("//Dave").ss58
     with pytest.raises(ProofInvalid) as err:

@@ -1,4 +1,4 @@
-"""Integration test of cluster._private.ray_node: a head and two worker nodes on loopback.
+"""Integration test of cluster.fabric.ray_node: a head and two worker nodes on loopback.
 
 Why (DESIGN.md section 3, Ray 2.60.0):
 * Ports come from a random 64-aligned base below 32768 (Linux' ephemeral range starts there, so
@@ -27,7 +27,7 @@ import pytest
 import ray  # noqa: F401  (puts ray/thirdparty_files, with psutil, on sys.path)
 import psutil
 
-from cluster._private import ray_node as rn
+from cluster.fabric import ray_node as rn
 
 pytestmark = pytest.mark.integration
 

@@ -10,17 +10,17 @@ import uuid
 import httpx
 import pytest
 
-from cluster._private.envelope import seal
-from cluster._private.http import ServiceClient
-from cluster._private.identity import Hotkey, offset_clock
-from cluster._private.miner.agent import AgentCore
-from cluster._private.miner.docker_runtime import DockerRuntime
-from cluster._private.protocol import Challenge, ChallengeRequest, JoinRequest, SpecGrant, Ticket, TicketFetch
-from cluster._private.settings import REPO_ROOT, load_executor_classes
-from cluster._private.user import request_capability
-from cluster._private.version import local_versions
+from cluster.protocol.envelope import seal
+from cluster.protocol.http import ServiceClient
+from cluster.protocol.identity import Hotkey, offset_clock
+from cluster.miner.agent import AgentCore
+from cluster.miner.docker_runtime import DockerRuntime
+from cluster.protocol.messages import Challenge, ChallengeRequest, JoinRequest, SpecGrant, Ticket, TicketFetch
+from cluster.settings import REPO_ROOT, load_executor_classes
+from cluster.protocol.user import request_capability
+from cluster.protocol.version import local_versions
 from cluster.errors import AdmissionRefused, CapabilityRefused, SignatureRejected, TicketRefused
-from jobs._private.models import JobSpec
+from cluster.protocol.jobs import JobSpec
 from tests.conftest import DOCKER_HOST, HELLO, IMAGE, USER_URI, container_events
 
 pytestmark = pytest.mark.integration
@@ -225,7 +225,7 @@ def test_over_budget_capability_is_refused(stack):
 
 def test_forged_capability_is_refused(stack):
     import jobs
-    from cluster._private.protocol import Capability
+    from cluster.protocol.messages import Capability
     fake = seal(Hotkey.generate(), "capability", Capability(capability_id="x", user=Hotkey.from_uri(USER_URI).ss58,
                                                             max_jobs=99, expires_ns=time.time_ns() + 10**12))
     with pytest.raises(CapabilityRefused) as err:

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cluster._private.chain.local import LocalChain
-from cluster._private.validator import store as db
-from cluster._private.validator.scoring import MinerScore, u16_weights
-from cluster._private.validator.service import ValidatorCore
-from cluster._private.verification.models import Verdict
+from cluster.chain.local import LocalChain
+from cluster.validator import store as db
+from cluster.validator.scoring import MinerScore, u16_weights
+from cluster.validator.service import ValidatorCore
+from cluster.verification.models import Verdict
 from cluster.errors import ChainError
-from jobs._private.models import JobStatus
-from serve_apps._private.keys import SigningKey
-from serve_apps._private.models import StreamReady, StreamSpec
+from cluster.protocol.jobs import JobStatus
+from cluster.protocol.keys import SigningKey
+from cluster.protocol.streams import StreamReady, StreamSpec
 from tests.cluster.test_store import db_url, postgres_server  # noqa: F401 - the shared two-backend fixture
 from tests.cluster.test_validator_service import ALICE, BOB, CHARLIE, NS, REPO, Harness
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import pytest
 import sqlalchemy as sa
 
-from cluster._private.validator import store as db
+from cluster.validator import store as db
 from cluster.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

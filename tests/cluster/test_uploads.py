@@ -21,8 +21,8 @@ from botocore.config import Config
 from moto.server import ThreadedMotoServer
 from pydantic import TypeAdapter, ValidationError
 
-from cluster._private.miner.uploads import UploadError, upload_outputs
-from jobs._private.io_models import Upload
+from cluster.miner.uploads import UploadError, upload_outputs
+from cluster.protocol.job_io import Upload
 
 pytestmark = pytest.mark.integration
 

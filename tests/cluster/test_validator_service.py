@@ -14,23 +14,23 @@ from typing import Iterator
 import pytest
 import sqlalchemy as sa
 
-from cluster._private.chain.local import LocalChain
-from cluster._private.envelope import SignedEnvelope, open_envelope, seal
-from cluster._private.identity import Hotkey
-from cluster._private.protocol import (
+from cluster.protocol.canonical import NS
+from cluster.chain.local import LocalChain
+from cluster.protocol.envelope import SignedEnvelope, open_envelope, seal
+from cluster.protocol.identity import Hotkey
+from cluster.protocol.messages import (
     Capability, CapabilityRequest, ChallengeRequest, Heartbeat, JoinRequest, NodeLost, NodeStarted, StatusReport,
     TicketFetch,
 )
-from cluster._private.settings import ValidatorSettings
-from cluster._private.validator import store as db
-from cluster._private.validator.service import ValidatorCore
-from cluster._private.version import local_versions
+from cluster.settings import ValidatorSettings
+from cluster.validator import store as db
+from cluster.validator.service import ValidatorCore
+from cluster.protocol.version import local_versions
 from cluster.errors import AdmissionRefused, CapabilityRefused, Refused, SignatureRejected, TicketRefused
-from jobs._private.models import JobResult, JobSpec, JobStatus
+from cluster.protocol.jobs import JobResult, JobSpec, JobStatus
 from tests.cluster.test_store import db_url, postgres_server  # noqa: F401 - the shared two-backend fixture
 
 REPO = Path(__file__).resolve().parents[2]
-NS = 1_000_000_000
 ALICE, BOB, CHARLIE, DAVE, EVE = (Hotkey.from_uri(u) for u in ("//Alice", "//Bob", "//Charlie", "//Dave", "//Eve"))
 CLASS = "always_on.test"
 

@@ -1,11 +1,11 @@
-"""Integration test of the private verification cluster (cluster._private.verification):
+"""Integration test of the private verification cluster (cluster.verification):
 a Ray head whose autoscaler (fake multi-node provider locally) adds a ``gpu80`` worker when a
 VerifierActor asks for ``gpu80gb`` and removes it once idle.
 
 This is the PLUMBING test: the verifier is ``tests.cluster.verification_factories:echo_verifier``,
 which answers ``ok`` to every claim without checking anything. It proves placement (the actor
 runs only on an autoscaled worker, never on the head), scale-up, the JSON boundary, close + kill,
-scale-down and teardown. The real prefill verifier (``cluster._private.verification.verifier``)
+scale-down and teardown. The real prefill verifier (``cluster.verification.verifier``)
 is plugged in by its "module:callable" name in the same way, by its own tests.
 
 Why it looks like this (DESIGN.md sections 1 and 3):
@@ -13,7 +13,7 @@ Why it looks like this (DESIGN.md sections 1 and 3):
   explicit ports, token and temp dir, in the same pytest process that may hold a ``ray.init``
   to the session's public cluster (the ``stack`` fixture): so this test never calls ``ray.init``;
   the verification driver is a SEPARATE process (``VerificationClient`` runs
-  ``python -m cluster._private.verification.actors run-batch``), and the test inspects the
+  ``python -m cluster.verification.actors run-batch``), and the test inspects the
   cluster over the State API (HTTP + token).
 * Timings are printed at teardown (``verification timings: {...}``).
 """
@@ -30,9 +30,9 @@ import urllib.request
 
 import pytest
 
-from cluster._private import ray_node
-from cluster._private.verification.actors import load_factory
-from cluster._private.verification.cluster import (
+from cluster.fabric import ray_node
+from cluster.verification.actors import load_factory
+from cluster.verification.cluster import (
     CUSTOM_RESOURCE,
     FAKE_PROVIDER,
     WORKER_TYPE,
@@ -41,9 +41,9 @@ from cluster._private.verification.cluster import (
     _proc_table,
     listening_ports,
 )
-from cluster._private.verification.models import Claim
-from serve_apps._private.keys import PublicKey
-from serve_apps._private.receipts import Receipt, ReceiptBody
+from cluster.verification.models import Claim
+from cluster.protocol.keys import PublicKey
+from cluster.protocol.receipts import Receipt, ReceiptBody
 
 
 FACTORY = "tests.cluster.verification_factories:echo_verifier"

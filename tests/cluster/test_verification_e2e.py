@@ -19,12 +19,12 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from cluster._private.identity import Hotkey
-from cluster._private.local_stack import LocalStack
-from cluster._private.user import request_capability
-from cluster._private.validator import store as db
-from cluster._private.verification.cluster import CUSTOM_RESOURCE
-from cluster._private.verification.models import Verdict
+from cluster.protocol.identity import Hotkey
+from cluster.devstack.local_stack import LocalStack
+from cluster.protocol.user import request_capability
+from cluster.validator import store as db
+from cluster.verification.cluster import CUSTOM_RESOURCE
+from cluster.verification.models import Verdict
 from serve_apps import SigningKey, StreamSpec, Streams
 from tests.conftest import USER_URI
 
@@ -130,12 +130,12 @@ def check_proof_elsewhere(proof: bytes, home: Path) -> None:
 
     path = home / "proof.json"
     path.write_bytes(proof)
-    ok = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path)], capture_output=True,
+    ok = subprocess.run([sys.executable, "-m", "cluster.cli.main", "verify-proof", str(path)], capture_output=True,
                         text=True, timeout=600)
     assert ok.returncode == 0 and "re-scored with the model" in ok.stdout, ok.stdout + ok.stderr[-2000:]
     edited = bytearray(proof)
     edited[len(edited) // 3] ^= 0x01
     path.write_bytes(bytes(edited))
-    bad = subprocess.run([sys.executable, "-m", "cluster.cli", "verify-proof", str(path)], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "cluster.cli.main", "verify-proof", str(path)], capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode == 1 and "proof refused" in bad.stderr

@@ -30,21 +30,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from cluster._private.identity import Hotkey
-from cluster._private.verification import testbed as tb
-from cluster._private.verification.calibration import (
+from cluster.protocol.identity import Hotkey
+from tests.support import testbed as tb
+from cluster.verification.calibration import (
     batch_size_needed, batch_statistic, calibrate_batch, calibrate_margin, measure_honest,
 )
-from cluster._private.verification.models import Claim
-from cluster._private.verification.scoring import TOP_K, PositionScores
-from cluster._private.verification.verifier import (
+from cluster.verification.models import Claim
+from cluster.verification.scoring import TOP_K, PositionScores
+from cluster.verification.verifier import (
     REASONS, PreparedClaim, Rejected, _keyed_position, prepare_claim,
 )
-from serve_apps._private.client_envelope import REQUEST_HEADER, sign_request
-from serve_apps._private.keys import SigningKey
-from serve_apps._private.llm.gumbel import keyed_choice
-from serve_apps._private.llm.openai_api import dumps
-from serve_apps._private.receipts import ReceiptChain, job_sign, miner_countersign
+from cluster.protocol.client_envelope import REQUEST_HEADER, sign_request
+from cluster.protocol.keys import SigningKey
+from serve_apps.inference.gumbel import keyed_choice
+from serve_apps.inference.openai_api import dumps
+from cluster.protocol.receipts import ReceiptChain, job_sign, miner_countersign
 
 MINER = Hotkey.from_uri("//Bob")
 JOB = "job-verify1"
@@ -110,14 +110,14 @@ def test_the_keyed_check_recomputes_the_sampler_from_the_top_20_alone():
 
 @pytest.fixture(scope="module")
 def model_dir():
-    from serve_apps._private.llm.model import ensure_model
+    from serve_apps.inference.model import ensure_model
 
     return ensure_model()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(model_dir):
-    from serve_apps._private.llm.engine import load_tokenizer
+    from serve_apps.inference.engine import load_tokenizer
 
     return load_tokenizer(model_dir)
 
@@ -151,7 +151,7 @@ def _sse_answer(pieces: list[tuple[list[int], str]]) -> bytes:
 
 
 def test_claim_bytes_are_checked_before_any_scoring(tokenizer):
-    from serve_apps._private.llm.engine import stop_token_ids
+    from serve_apps.inference.engine import stop_token_ids
 
     stops = stop_token_ids(tokenizer)
     stop = min(stops)
@@ -197,7 +197,7 @@ def test_claim_bytes_are_checked_before_any_scoring(tokenizer):
 
 @pytest.fixture(scope="module")
 def generator(model_dir):
-    from serve_apps._private.llm.vllm_engine import VLLMEngine
+    from serve_apps.inference.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(model_dir)
     yield engine
@@ -208,7 +208,7 @@ def generator(model_dir):
 def vllm_verifier(generator, model_dir):
     """Built after the generator (a guest in its process: it closes first, leaving vLLM's process
     state to the generator)."""
-    from cluster._private.verification.verifier import Verifier
+    from cluster.verification.verifier import Verifier
 
     v = Verifier(model_dir, backend="vllm", dtype="float32", weights_sha256=generator.weights_sha256)
     yield v
@@ -217,7 +217,7 @@ def vllm_verifier(generator, model_dir):
 
 @pytest.fixture(scope="module")
 def hf_verifier(model_dir):
-    from cluster._private.verification.verifier import Verifier
+    from cluster.verification.verifier import Verifier
 
     v = Verifier(model_dir, backend="transformers", dtype="bfloat16")
     yield v
@@ -229,9 +229,9 @@ def served(generator):
     """The LLM app under uvicorn behind a real miner proxy (tests/serve_apps/test_llm_app.py's world)."""
     import httpx
 
-    from cluster._private.miner.proxy import JobRoute, MinerProxy
+    from cluster.miner.proxy import JobRoute, MinerProxy
     from serve_apps import RequestSigner
-    from serve_apps._private.keys import PublicKey
+    from cluster.protocol.keys import PublicKey
     from serve_apps.llm import LLMApp
     from tests.serve_apps.test_proxy import Served
 
@@ -263,7 +263,7 @@ def _asgi(app):
 def _through_proxy(served, requests, model: str) -> list[Claim]:
     """Send signed requests through the miner proxy (eight at a time: the engine batches them) and
     read each claim back from the proxy's kept record."""
-    from serve_apps._private.receipts import Receipt
+    from cluster.protocol.receipts import Receipt
 
     def send(item):
         route, body = item
@@ -361,13 +361,13 @@ def test_honest_answers_pass_with_vllm_fp32_and_transformers_bf16(honest, vllm_v
 @pytest.mark.integration
 @pytest.mark.slow
 def test_claims_for_other_weights_are_refused(honest, vllm_verifier, model_dir):
-    from serve_apps._private.whitelist import AppRefused
+    from cluster.protocol.whitelist import AppRefused
 
     claim = honest["test"][0].model_copy(update={"weights_sha256": "0" * 64})
     (v,) = vllm_verifier.verify_batch([claim], 0.5)
     assert not v.ok and v.reason == "wrong_weights"
     with pytest.raises(AppRefused):  # a verifier refuses to start on weights the whitelist does not pin
-        from cluster._private.verification.verifier import Verifier
+        from cluster.verification.verifier import Verifier
         Verifier(model_dir, backend="transformers", weights_sha256="1" * 64)
 
 
@@ -464,7 +464,7 @@ def test_a_dropped_system_prompt_or_truncated_context_fails(honest, vllm_verifie
 @pytest.mark.slow
 def test_a_model_with_layers_removed_fails(honest, vllm_verifier, hf_verifier, margin, cheat_job, generator,
                                            model_dir):
-    from serve_apps._private.llm.transformers_engine import TransformersEngine
+    from serve_apps.inference.transformers_engine import TransformersEngine
 
     engine = tb.liar(TransformersEngine(tb.fewer_layers_folder(model_dir, keep=24)), generator)
     try:
@@ -490,7 +490,7 @@ def test_another_model_fails(honest, vllm_verifier, hf_verifier, margin, cheat_j
 @pytest.mark.slow
 def test_a_lower_precision_copy_is_caught_by_the_batch_statistic(honest, vllm_verifier, hf_verifier, margin,
                                                                 cheat_job, generator, model_dir):
-    from serve_apps._private.llm.transformers_engine import TransformersEngine
+    from serve_apps.inference.transformers_engine import TransformersEngine
 
     engine = tb.liar(TransformersEngine(tb.low_precision_folder(model_dir, bits=4, group=32)), generator)
     try:

@@ -30,8 +30,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from cluster._private.miner.volumes import VolumeError, VolumeLimits, prepare_volumes
-from jobs._private.io_models import Volume
+from cluster.miner.volumes import VolumeError, VolumeLimits, prepare_volumes
+from cluster.protocol.job_io import Volume
 
 pytestmark = pytest.mark.integration
 
@@ -436,7 +436,7 @@ def test_cancel(origin, root):
 def test_disk_failure_is_the_miners_fault(root, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr("cluster._private.miner.volumes._Run.extract", full)
+    monkeypatch.setattr("cluster.miner.volumes._Run.extract", full)
     refused(root, _inline(make_zip({"a": b"a"})), "miner_io_error", "No space left on device")
 
 

@@ -1,17 +1,17 @@
 """Verifier factories for the verification-cluster PLUMBING test (not a real verifier).
 
 ``echo_verifier`` builds an object with the verifier contract of
-``cluster._private.verification.actors`` (``verify_batch(claims, margin) -> list[Verdict]`` and
+``cluster.verification.actors`` (``verify_batch(claims, margin) -> list[Verdict]`` and
 ``close()``) that checks nothing: every claim gets an ``ok`` verdict. It exercises actor
 placement, autoscaling and the JSON boundary only; the real prefill verifier
-(``cluster._private.verification.verifier``) is plugged in the same way, by its
+(``cluster.verification.verifier``) is plugged in the same way, by its
 "module:callable" name.
 """
 from __future__ import annotations
 
 import os
 
-from cluster._private.verification.models import Claim, Verdict
+from cluster.verification.models import Claim, Verdict
 
 
 class EchoVerifier:

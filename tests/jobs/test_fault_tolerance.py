@@ -10,11 +10,11 @@ import time
 import httpx
 import pytest
 
-from cluster._private.envelope import seal
-from cluster._private.http import ServiceClient
-from cluster._private.identity import Hotkey
+from cluster.protocol.envelope import seal
+from cluster.protocol.http import ServiceClient
+from cluster.protocol.identity import Hotkey
 from cluster.errors import TicketRefused
-from jobs._private.models import JobResult
+from cluster.protocol.jobs import JobResult
 from tests.conftest import IMAGE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -66,7 +66,7 @@ def test_job_survives_its_miners_ray_node_being_killed(stack, engine):
                                                        seal(Hotkey.from_uri(URIS[name]), "job_result", late))
     assert err.value.reason == "ticket_closed"
     # and its late upload: the agent asks "still current?" before uploading, and hears no
-    from cluster._private.protocol import TicketFetch
+    from cluster.protocol.messages import TicketFetch
     answer = ServiceClient(stack.validator_url).post_signed("/v1/tickets/current", seal(
         Hotkey.from_uri(URIS[name]), "ticket_current", TicketFetch(ticket_id=first_ticket)))
     assert answer == {"current": False}

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster._private.miner.images import ImageDenied
+from cluster.protocol.images import ImageDenied
 from tests.cluster.test_images import RegistryProxy, forget, pushed, registries  # noqa: F401 (fixtures)
 from tests.conftest import container_events
 

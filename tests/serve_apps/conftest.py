@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 # Read when vLLM is imported / builds its engine: in-process engine, loopback, small KV cache.
-from serve_apps._private.llm.vllm_engine import apply_vllm_env
+from serve_apps.inference.vllm_engine import apply_vllm_env
 
 apply_vllm_env()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,21 +17,21 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def llm_model_dir():
-    from serve_apps._private.llm.model import ensure_model
+    from serve_apps.inference.model import ensure_model
 
     return ensure_model()  # the default cache ($RAYHORDE_MODEL_CACHE or ~/.cache/rayhorde/models)
 
 
 @pytest.fixture(scope="session")
 def llm_weights_digest(llm_model_dir) -> str:
-    from serve_apps._private.whitelist import weights_digest
+    from cluster.protocol.whitelist import weights_digest
 
     return weights_digest(llm_model_dir)
 
 
 @pytest.fixture(scope="session")
 def vllm_engine(llm_model_dir, llm_weights_digest):
-    from serve_apps._private.llm.vllm_engine import VLLMEngine
+    from serve_apps.inference.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(llm_model_dir, weights_sha256=llm_weights_digest)
     yield engine
@@ -40,7 +40,7 @@ def vllm_engine(llm_model_dir, llm_weights_digest):
 
 @pytest.fixture(scope="session")
 def hf_engine(llm_model_dir, llm_weights_digest):
-    from serve_apps._private.llm.transformers_engine import TransformersEngine
+    from serve_apps.inference.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(llm_model_dir, dtype="float32", weights_sha256=llm_weights_digest)
     yield engine

@@ -13,12 +13,12 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from cluster._private.identity import Hotkey
-from cluster._private.miner.proxy import JobRoute, MinerProxy
+from cluster.protocol.identity import Hotkey
+from cluster.miner.proxy import JobRoute, MinerProxy
 from serve_apps import RECEIPT_HEADER, AppRefused, Receipt, RequestSigner, SigningKey, split_sse, verify_receipt
-from serve_apps._private.keys import PublicKey
-from serve_apps._private.llm.engine import chat_prompt_ids
-from serve_apps._private.llm.openai_api import completion_prompt_ids
+from cluster.protocol.keys import PublicKey
+from serve_apps.inference.engine import chat_prompt_ids
+from serve_apps.inference.openai_api import completion_prompt_ids
 from serve_apps.llm import LLMApp
 from tests.serve_apps.conftest import greedy_ids
 from tests.serve_apps.test_proxy import Served

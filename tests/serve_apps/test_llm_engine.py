@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from serve_apps._private.llm.engine import GenerationRequest, chat_prompt_ids
-from serve_apps._private.llm.gumbel import (
+from serve_apps.inference.engine import GenerationRequest, chat_prompt_ids
+from serve_apps.inference.gumbel import (
     MAX_TOP_K, gumbel_noise, keyed_candidates, keyed_choice, keyed_choices, philox_key, top_k_ids, uniform_noise,
 )
-from serve_apps._private.llm.model import KNOWN_DIGESTS, ensure_model
+from serve_apps.inference.model import KNOWN_DIGESTS, ensure_model
 
 PROMPTS = ["Write a poem about the sea.", "What is the capital of France?",
            "Explain recursion to a child in two sentences."]
@@ -125,7 +125,7 @@ def test_the_model_folder_is_there_fast_and_has_the_known_digest(llm_model_dir, 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_second_build_elsewhere_gives_the_same_digest(tmp_path, llm_weights_digest):
-    from serve_apps._private.whitelist import weights_digest
+    from cluster.protocol.whitelist import weights_digest
 
     folder = ensure_model(cache_dir=tmp_path)
     assert folder.parent == tmp_path and weights_digest(folder) == llm_weights_digest
@@ -188,7 +188,7 @@ def test_transformers_keyed_sampling_agrees_with_vllm(vllm_engine, hf_engine):
 def test_the_vllm_processor_refuses_malformed_keyed_arguments(vllm_engine):
     from vllm import SamplingParams
 
-    from serve_apps._private.llm.vllm_processor import KeyedGumbel, keyed_extra_args
+    from serve_apps.inference.vllm_processor import KeyedGumbel, keyed_extra_args
 
     KeyedGumbel.validate_params(SamplingParams(temperature=0, extra_args=keyed_extra_args(KEY_A, 0.8, 20)))
     for params in [SamplingParams(temperature=0.8, extra_args=keyed_extra_args(KEY_A, 0.8, 20)),

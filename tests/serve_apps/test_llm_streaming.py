@@ -11,10 +11,10 @@ import time
 import httpx
 import pytest
 
-from jobs._private.models import JobStatus
+from cluster.protocol.jobs import JobStatus
 from serve_apps import ReceiptInvalid, StreamSpec
-from serve_apps._private.llm.engine import chat_prompt_ids
-from serve_apps._private.llm.model import KNOWN_DIGESTS
+from serve_apps.inference.engine import chat_prompt_ids
+from serve_apps.inference.model import KNOWN_DIGESTS
 from tests.serve_apps.conftest import greedy_ids
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

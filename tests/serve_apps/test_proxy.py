@@ -15,12 +15,12 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from cluster._private.identity import Hotkey
-from cluster._private.miner.proxy import JobRoute, MinerProxy
+from cluster.protocol.identity import Hotkey
+from cluster.miner.proxy import JobRoute, MinerProxy
 from serve_apps import (
     RECEIPT_HEADER, Receipt, ReceiptInvalid, RequestSigner, SigningKey, sign_request, split_sse, verify_receipt,
 )
-from serve_apps._private.keys import PublicKey
+from cluster.protocol.keys import PublicKey
 from serve_apps.echo import EchoApp
 
 pytestmark = pytest.mark.integration

@@ -15,13 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from cluster._private.identity import Hotkey, offset_clock
+from cluster.protocol.identity import Hotkey, offset_clock
 from serve_apps import (
     RECEIPT_HEADER, Receipt, ReceiptChain, ReceiptInvalid, RequestRefused, RequestSigner, SigningKey, check_request,
     job_sign, miner_countersign, sign_request, split_sse, verify_receipt,
 )
-from serve_apps._private.client_envelope import MemoryNonces
-from serve_apps._private.receipts import GENESIS, SSE_PREFIX
+from cluster.protocol.client_envelope import MemoryNonces
+from cluster.protocol.receipts import GENESIS, SSE_PREFIX
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration  # real HTTP servers on 127.0.0.1

@@ -15,11 +15,11 @@ import time
 import httpx
 import pytest
 
-from cluster._private.envelope import seal
-from cluster._private.identity import Hotkey
-from cluster._private.protocol import ReceiptsPull
+from cluster.protocol.envelope import seal
+from cluster.protocol.identity import Hotkey
+from cluster.protocol.messages import ReceiptsPull
 from cluster.errors import Refused
-from jobs._private.models import JobStatus
+from cluster.protocol.jobs import JobStatus
 from serve_apps import (
     AppRefused, Receipt, ReceiptInvalid, RequestSigner, SigningKey, StreamFailed, StreamSpec, verify_receipt,
 )
@@ -136,7 +136,7 @@ def test_validator_core_collects_every_answer_from_the_proxy_with_its_signatures
     miner's proxy (signed receipts_pull), checks every signature and the chain, keeps claims."""
     import sqlalchemy as sa
 
-    from cluster._private.validator import store as db
+    from cluster.validator import store as db
 
     answer = echo.call(key, "/echo", b'{"q": "collect me"}')
     engine = sa.create_engine(f"sqlite:///{stack.home / 'validator' / 'validator.db'}")

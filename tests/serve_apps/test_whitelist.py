@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from cluster._private.settings import REPO_ROOT
+from cluster.settings import REPO_ROOT
 from cluster.errors import ConfigError
-from serve_apps._private.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
+from cluster.protocol.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
 
 
 def write_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]], *, metadata=None, reverse=False):

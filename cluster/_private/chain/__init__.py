@@ -1,6 +1,0 @@
-"""Chain backends: one interface (:mod:`.base`), one module per implementation."""
-
-from cluster._private.chain.base import U16_MAX, ChainBackend, ChainFeature, Metagraph, Neuron
-from cluster._private.chain.local import LocalChain, WeightsSet
-
-__all__ = ["U16_MAX", "ChainBackend", "ChainFeature", "LocalChain", "Metagraph", "Neuron", "WeightsSet"]

@@ -1,0 +1,292 @@
+"""Launching the Ray processes of rayhorde, each in its own OS process, on 127.0.0.1, token auth on.
+
+Why (Ray 2.60.0, DESIGN.md section 3):
+* On Linux Ray rewrites 127.0.0.1 to the routable address and listens on all interfaces;
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a node on loopback, but then ``ray start
+  --address`` refuses to join. So the head is ``ray start --head --block`` and every other node is
+  this module's ``worker`` entry point, driving ``ray._private.node.Node`` (the API
+  ``ray.cluster_utils.Cluster.add_node`` uses) in its own process.
+* Token auth is on by default: every process needs ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``.
+  The environment comes from an allow-list: the parent's secrets never reach Ray workers.
+* Default ports collide when nodes share a host: every port is explicit (``HeadPorts``).
+* ``ray stop`` kills every Ray process on the machine: each launch gets a new session and
+  ``stop_process`` signals only what it started.
+* Unix socket paths are limited to 107 bytes: keep ``temp_dir`` short (e.g. /tmp/rh-xxxx/n0).
+  It is also the node's TMPDIR: the dashboard's forkserver (and vLLM) leave files there.
+* Ray workers inherit the raylet's working directory, which is the launcher's: the ``cwd`` given
+  here is where tasks run (measured: ``os.getcwd()`` in a task == that directory).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+LOOPBACK = "127.0.0.1"
+WORKER_PORT_COUNT = 50
+PORT_BLOCK = 64  # ports one node takes from its base; space bases at least this far apart
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Variables copied from the parent environment; nothing else is (no secrets leak to workers).
+ENV_ALLOW_LIST = ("HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR")
+
+
+@dataclass(frozen=True)
+class HeadPorts:
+    """Every port of a node, explicit, so several clusters can share a host.
+
+    Worker nodes use the same layout (``HeadPorts.from_base(node_ports_base)``) and leave
+    ``gcs``, ``dashboard`` and ``client_server`` unused.
+    """
+
+    gcs: int
+    dashboard: int
+    client_server: int
+    dashboard_agent_grpc: int
+    dashboard_agent_http: int
+    metrics_export: int
+    runtime_env_agent: int
+    node_manager: int
+    object_manager: int
+    min_worker: int
+    max_worker: int
+
+    @classmethod
+    def from_base(cls, base: int) -> "HeadPorts":
+        """A consecutive block of ``PORT_BLOCK`` ports starting at ``base``."""
+        if not 1024 <= base <= 65535 - PORT_BLOCK:
+            raise ValueError(f"port base {base} out of range")
+        return cls(*range(base, base + 9), base + 10, base + 10 + WORKER_PORT_COUNT - 1)
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{LOOPBACK}:{self.gcs}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.dashboard}"
+
+
+def ray_env(token: str, base_env: dict | None = None) -> dict[str, str]:
+    """Minimal environment for Ray processes: allow-listed variables of ``base_env``
+    (default ``os.environ``), the venv first on PATH, token auth, everything on loopback."""
+    src = os.environ if base_env is None else base_env
+    env = {k: src[k] for k in ENV_ALLOW_LIST if k in src}
+    env.setdefault("HOME", os.path.expanduser("~"))
+    env.setdefault("LANG", "C.UTF-8")
+    venv_bin = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([venv_bin, src.get("PATH") or "/usr/local/bin:/usr/bin:/bin"])
+    if sys.prefix != sys.base_prefix:
+        env["VIRTUAL_ENV"] = sys.prefix
+    # ..._CLUSTER=0 keeps node IP resolution and listeners on 127.0.0.1; no usage-stats report.
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def _spawn(cmd: list[str], env: dict, log_path: str, cwd: str) -> subprocess.Popen:
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    os.makedirs(cwd, exist_ok=True)
+    with open(log_path, "ab", buffering=0) as log:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1,
+               object_store_mb: int = 100, log_path: str, extra_env: dict | None = None,
+               cwd: str | None = None) -> subprocess.Popen:
+    """Start ``ray start --head --block`` in a new session; returns at once (see wait_head_ready).
+
+    Head tasks run in ``cwd``, by default an empty ``<temp_dir>/cwd`` (not the session files)."""
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+        f"--node-ip-address={LOOPBACK}", f"--port={ports.gcs}",
+        "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
+        f"--dashboard-port={ports.dashboard}", f"--ray-client-server-port={ports.client_server}",
+        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc}",
+        f"--dashboard-agent-listen-port={ports.dashboard_agent_http}",
+        f"--metrics-export-port={ports.metrics_export}",
+        f"--runtime-env-agent-port={ports.runtime_env_agent}",
+        f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
+        f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}",
+        f"--num-cpus={num_cpus}", "--num-gpus=0",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]
+    # On SIGTERM a 2.60 head first "drains" itself for up to 30 s, which never completes for a
+    # head: 0 makes stop_process take ~2-4 s instead of ~30 s.
+    env = {**ray_env(token), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": temp_dir,
+           **(extra_env or {})}
+    return _spawn(cmd, env, log_path, cwd or os.path.join(temp_dir, "cwd"))
+
+
+def wait_head_ready(ports: HeadPorts, token: str, timeout_s: float = 60) -> None:
+    """Poll the dashboard's Jobs REST API (with the token) until it answers 200."""
+    url = f"{ports.dashboard_url}/api/jobs/"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+                last = f"HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as e:  # HTTPError is a URLError
+            last = e
+        time.sleep(0.25)
+    raise TimeoutError(f"Ray head dashboard {url} not ready after {timeout_s:.0f}s (last: {last})")
+
+
+def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict[str, float],
+                 num_cpus: int, object_store_mb: int, node_ports_base: int, node_id_file: str,
+                 log_path: str, cwd: str, extra_env: dict | None = None) -> subprocess.Popen:
+    """Start a worker node (this module's ``worker`` entry point) in a new session, in ``cwd``.
+
+    It writes ``{"node_id", "pid"}`` to ``node_id_file`` once the node is registered in the GCS.
+    """
+    HeadPorts.from_base(node_ports_base)  # validate early, in the caller
+    cmd = [
+        sys.executable, "-m", "cluster.fabric.ray_node", "worker",
+        f"--gcs-address={gcs_address}", f"--temp-dir={temp_dir}",
+        f"--resources={json.dumps(resources)}", f"--num-cpus={num_cpus}",
+        f"--object-store-mb={object_store_mb}", f"--ports-base={node_ports_base}",
+        f"--node-id-file={os.path.abspath(node_id_file)}",
+    ]
+    # cwd is empty, so the launcher (and, inheriting it, Ray workers, which must import rayhorde
+    # modules that cloudpickle references by name) find this package through PYTHONPATH.
+    env = {**ray_env(token), "PYTHONPATH": _REPO_ROOT, "TMPDIR": temp_dir, **(extra_env or {})}
+    return _spawn(cmd, env, log_path, cwd)
+
+
+def _proc_table() -> dict[int, tuple[int, int, str, str]]:
+    """pid -> (ppid, pgid, state, starttime) from /proc (Linux); empty where /proc is missing."""
+    table = {}
+    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # comm may contain spaces
+        except (OSError, IndexError):
+            continue
+        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0], fields[19])
+    return table
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> starttime of every live descendant of pid (starttime guards against pid reuse)."""
+    table, out, todo = _proc_table(), {}, [pid]
+    while todo:
+        parent = todo.pop()
+        for child, (ppid, _, state, start) in table.items():
+            if ppid == parent and child not in out and state != "Z":
+                out[child] = start
+                todo.append(child)
+    return out
+
+
+def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
+    """Stop a process we started, its process group (pgid == pid, start_new_session) and its
+    descendants; never by name.
+
+    SIGTERM goes to the leader first: ``ray start --block`` / the worker launcher then tear their
+    node down in order (~0.3-4 s); SIGTERM to the whole group at once kills the GCS under the
+    head's leader, which then hangs ~20-30 s. Then SIGTERM and SIGKILL to the group. Ray's worker
+    processes (``ray::IDLE``, tasks, actors) get their OWN process groups, so descendants are
+    recorded first and any still alive at the end get SIGKILL by pid.
+    """
+    proc = proc_or_pid if isinstance(proc_or_pid, subprocess.Popen) else None
+    pid = proc.pid if proc else int(proc_or_pid)
+    family = _descendants(pid)
+
+    def group_alive() -> bool:  # zombies don't count: here PID 1 reaps orphans only every ~1 s
+        if proc is not None:
+            proc.poll()
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return False
+        table = _proc_table()
+        return not table or any(g == pid and st != "Z" for _, g, st, _ in table.values())
+
+    def stragglers() -> list[int]:
+        table = _proc_table()
+        return [p for p, start in family.items()
+                if p in table and table[p][3] == start and table[p][2] != "Z"]
+
+    def wait_until(done, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    steps = ((os.kill, signal.SIGTERM, timeout_s), (os.killpg, signal.SIGTERM, 3.0),
+             (os.killpg, signal.SIGKILL, 5.0))
+    for send, sig, wait_s in steps:
+        if not group_alive():
+            break
+        if send is os.kill and proc is not None and proc.returncode is not None:
+            continue  # leader already reaped: its pid may be reused, signal the group only
+        try:
+            send(pid, sig)
+        except ProcessLookupError:
+            pass
+        wait_until(lambda: not group_alive(), wait_s)
+    wait_until(lambda: not stragglers(), 3.0)  # workers exit on their own once the raylet is gone
+    for p in stragglers():
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc is not None:
+        proc.poll()
+
+
+def _worker_main(argv: list[str]) -> int:
+    import ray._private.node
+    import ray._private.parameter
+    import ray._private.services
+
+    p = argparse.ArgumentParser(prog="ray_node worker")
+    for name in ("gcs-address", "temp-dir", "resources", "node-id-file"):
+        p.add_argument(f"--{name}", required=True)
+    for name in ("num-cpus", "object-store-mb", "ports-base"):
+        p.add_argument(f"--{name}", type=int, required=True)
+    a = p.parse_args(argv)
+    ports = HeadPorts.from_base(a.ports_base)
+    params = ray._private.parameter.RayParams(
+        gcs_address=a.gcs_address, node_ip_address=LOOPBACK, temp_dir=a.temp_dir,
+        num_cpus=a.num_cpus, num_gpus=0, resources=json.loads(a.resources),
+        object_store_memory=a.object_store_mb * 1024 * 1024,
+        node_manager_port=ports.node_manager, object_manager_port=ports.object_manager,
+        metrics_agent_port=ports.dashboard_agent_grpc,
+        dashboard_agent_listen_port=ports.dashboard_agent_http,
+        metrics_export_port=ports.metrics_export, runtime_env_agent_port=ports.runtime_env_agent,
+        min_worker_port=ports.min_worker, max_worker_port=ports.max_worker,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+    try:
+        ray._private.services.wait_for_node(node.gcs_address, node.plasma_store_socket_name, 60)
+        tmp = f"{a.node_id_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"node_id": node.node_id, "pid": os.getpid()}, f)
+        os.replace(tmp, a.node_id_file)
+        while not stop.wait(1.0):
+            pass
+    finally:
+        node.kill_all_processes(check_alive=False, allow_graceful=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["worker"]:
+        sys.exit("usage: python -m cluster.fabric.ray_node worker --gcs-address=... ...")
+    sys.exit(_worker_main(sys.argv[2:]))

@@ -1,0 +1,193 @@
+"""Run a miner agent: ``python -m cluster.miner.main --config configs/miner.local.toml``.
+
+Lifecycle: clean up containers left by a previous run -> admission (challenge, signed join) ->
+executor API on a unix socket -> Ray worker node (a separate process with an allow-listed
+environment: no hotkey, wallet path or validator URL reaches Ray workers) -> report the node
+id -> signed heartbeats until SIGTERM -> kill containers, stop the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from cluster.fabric import ray_node
+from cluster.protocol.envelope import seal
+from cluster.protocol.http import ServiceClient
+from cluster.devstack.local_stack import find_free_port_base
+from cluster.protocol.identity import Hotkey, load_or_create_wallet
+from cluster.miner.agent import AgentCore
+from cluster.miner.docker_runtime import DockerRuntime
+from cluster.miner.executor_api import ExecutorServer
+from cluster.miner.runtime import RuntimeFeature
+from cluster.miner.streams import StreamKeeper
+from cluster.protocol.messages import (
+    Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted,
+)
+from cluster.settings import MinerSettings, load_executor_classes, load_settings
+from cluster.protocol.version import local_versions
+from cluster.errors import Refused
+
+log = logging.getLogger("rayhorde.agent")
+
+
+def admit(client: ServiceClient, hotkey: Hotkey, settings: MinerSettings, proxy_url: str) -> JoinAccepted:
+    ch = Challenge.model_validate(client.post("/v1/admission/challenge",
+                                              ChallengeRequest(miner_hotkey=hotkey.ss58).model_dump()))
+    req = JoinRequest(validator=settings.validator_hotkey, challenge=ch.nonce, executor_classes=settings.executor_classes,
+                      proxy_url=proxy_url, versions=local_versions())
+    return JoinAccepted.model_validate(client.post_signed("/v1/admission/join", seal(hotkey, "admission_join", req)))
+
+
+def wait_for_file(path: Path, proc, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"Ray worker node exited with {proc.returncode} before it was up")
+        time.sleep(0.1)
+    raise TimeoutError(f"Ray worker node did not come up within {timeout_s:.0f} s")
+
+
+def _stop_orphaned_node(node_file: Path) -> None:
+    """A previous agent that was killed leaves its Ray node running (its own session): stop it,
+    by the PID it recorded, before starting ours on the same ports."""
+    try:
+        pid = int(json.loads(node_file.read_text())["pid"])
+    except (OSError, ValueError, KeyError):
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            ours = b"cluster.fabric.ray_node" in fh.read()  # the PID may have been reused
+    except OSError:
+        ours = False
+    if ours:
+        log.warning("stopping the Ray node (pid %d) a previous agent left behind", pid)
+        ray_node.stop_process(pid)
+    node_file.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--config", default=None)
+    args = ap.parse_args(argv)
+    settings = load_settings(MinerSettings, args.config, env_prefix="RAYHORDE_MINER_")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{settings.name}] %(levelname)s %(message)s")
+    home = settings.home
+    home.mkdir(parents=True, exist_ok=True)
+    hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
+    runtime = DockerRuntime(settings.docker_host)
+    runtime.ping()
+    classes = load_executor_classes(settings.executor_classes_path)
+    gpu_classes = [c for c in settings.executor_classes if c in classes and classes[c].gpus > 0]
+    if gpu_classes and RuntimeFeature.GPU not in runtime.features:
+        log.error("refusing to offer %s: %s", gpu_classes, runtime.gpu_refusal)
+        return 2
+    validator = ServiceClient(settings.validator_url, timeout_s=60)
+    core = AgentCore(hotkey=hotkey, validator_hotkey=settings.validator_hotkey, validator=validator, runtime=runtime,
+                     classes=classes, home=home,
+                     max_skew_s=settings.max_clock_skew_s, image_user=settings.image_user,
+                     allow_private_networks=settings.allow_private_networks, hf_endpoint=settings.hf_endpoint)
+    left = core.kill_all()
+    dirs = core.clean_leftovers()
+    if left or dirs:  # their tickets are retired when we re-join (validator-core: agent_restarted)
+        log.warning("removed %d containers and the job dirs of tickets %s left by a previous run", left, dirs)
+    _stop_orphaned_node(home / "node.json")
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    ports_base = settings.node_port_base or find_free_port_base()
+    proxy_port = settings.proxy_port or ports_base + 9  # a free slot of the node's port block
+    proxy_url = settings.proxy_url or f"http://127.0.0.1:{proxy_port}"
+    try:
+        accepted = admit(validator, hotkey, settings, proxy_url)
+    except Refused as exc:
+        log.error("admission refused: %s", exc)
+        return 2
+    log.info("admitted by %s: resources %s", accepted.validator_hotkey, accepted.resources)
+    sock = home / "agent.sock"
+    sock.unlink(missing_ok=True)
+    server = ExecutorServer(core, str(sock))
+    server.start()
+    node_cwd = home / "node-cwd"  # an empty directory: what a Ray task on this node sees as its cwd
+    node_cwd.mkdir(exist_ok=True)
+    node_file = home / "node.json"
+    temp_dir = settings.ray_temp_dir or Path(f"/tmp/rh-{hotkey.ss58[:8].lower()}")
+    volumes = home / "stream-volumes"
+    shutil.rmtree(volumes, ignore_errors=True)  # streams of a previous run ended when we re-joined
+    keeper = StreamKeeper(hotkey, validator, validator_hotkey=settings.validator_hotkey, proxy_port=proxy_port,
+                          proxy_url=proxy_url, serve_url=f"http://127.0.0.1:{accepted.serve_http_port}",
+                          volumes_dir=volumes, idle_timeout_s=settings.stream_idle_timeout_s,
+                          max_skew_s=settings.max_clock_skew_s, volume_max_bytes=settings.stream_volume_max_mb * 2**20)
+    keeper.start()
+
+    def start_node() -> tuple[subprocess.Popen, str]:
+        node_file.unlink(missing_ok=True)
+        proc = ray_node.start_worker(
+            gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
+            resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
+            node_ports_base=ports_base, node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
+            cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock),
+                                          "RAYHORDE_STREAM_VOLUMES": str(volumes)})
+        try:
+            node_id = wait_for_file(node_file, proc, timeout_s=60)["node_id"]
+        except BaseException:
+            ray_node.stop_process(proc)  # its group: a raylet or log monitor it started must not outlive it
+            raise
+        validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node_id)))
+        log.info("Ray node %s up (pid %s); serving tickets on %s", node_id, proc.pid, sock)
+        return proc, node_id
+
+    proc = None
+    try:
+        proc, node_id = start_node()
+        while not stop.wait(accepted.heartbeat_interval_s):
+            if proc.poll() is not None:
+                # Our Ray node died under us (any cluster member can kill another's processes):
+                # its tasks are gone, so its containers go too, and validator-core re-tickets
+                # their jobs as a fabric incident; then the node rejoins (DESIGN §1 point 8, §2).
+                core.node_epoch += 1
+                keeper.node_lost()  # open streams end now, with an error
+                lost = sorted(core.running)
+                killed = core.kill_all()
+                ray_node.stop_process(proc)  # whatever of its group survived
+                log.error("Ray node %s exited with %s; killed %d containers of tickets %s", node_id, proc.returncode,
+                          killed, lost)
+                validator.post_signed("/v1/admission/node_lost", seal(hotkey, "node_lost",
+                                                                     NodeLost(node_id=node_id, running_tickets=lost)))
+                proc, node_id = start_node()
+                continue
+            try:
+                answer = validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
+                                                                     Heartbeat(running_tickets=sorted(core.running))))
+            except Exception as exc:  # validator-core may be restarting; keep serving
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            keeper.update(answer.get("streams") or [])
+            stale = answer.get("kill_tickets") or []
+            if stale:  # cancelled by their user or given to another miner
+                log.info("killing %d containers of tickets no longer ours: %s", core.kill_tickets(stale), stale)
+        return 0
+    finally:
+        keeper.stop()
+        killed = core.kill_all()
+        core.clean_leftovers()  # job threads die with us: their tmpfs mounts and dirs must not
+        if proc is not None:
+            ray_node.stop_process(proc)
+        server.stop()
+        sock.unlink(missing_ok=True)
+        log.info("stopped (killed %d containers)", killed)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

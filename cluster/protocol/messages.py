@@ -1,0 +1,124 @@
+"""Messages between validator-core, miner agents and users (payloads of signed envelopes).
+
+Each model is the payload of one envelope ``kind`` (see :data:`KINDS`) or a plain response.
+Times are Unix ns (``*_ns``), durations seconds (``*_s``).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from cluster.protocol.jobs import Failure, JobResult, JobSpec, JobStatus, Submitted, TicketRef  # noqa: F401
+from cluster.protocol.streams import StreamReady
+
+
+class ChallengeRequest(BaseModel):
+    miner_hotkey: str
+
+
+class Challenge(BaseModel):
+    nonce: str
+    validator_hotkey: str
+    expires_ns: int
+
+
+class JoinRequest(BaseModel):  # kind "admission_join", signed by the miner
+    validator: str
+    challenge: str
+    executor_classes: dict[str, int]
+    proxy_url: str = ""
+    versions: dict[str, str]
+
+
+class JoinAccepted(BaseModel):
+    gcs_address: str
+    ray_token: str
+    resources: dict[str, float]
+    heartbeat_interval_s: float
+    validator_hotkey: str
+    serve_http_port: int = 0  # every node's Serve HTTP proxy listens on 127.0.0.1:<this>
+
+
+class NodeStarted(BaseModel):  # kind "node_started", signed by the miner
+    node_id: str
+
+
+class NodeLost(BaseModel):  # kind "node_lost", signed by the miner: its Ray node died under it
+    node_id: str
+    running_tickets: list[str] = Field(default_factory=list)
+
+
+class Heartbeat(BaseModel):  # kind "heartbeat", signed by the miner
+    running_tickets: list[str] = Field(default_factory=list)
+
+
+class CapabilityRequest(BaseModel):  # kind "capability_request", signed by the user
+    validator: str
+    max_jobs: int = Field(gt=0, le=100_000)
+    ttl_s: int = Field(gt=0)
+
+
+class Capability(BaseModel):  # kind "capability", signed by the validator
+    capability_id: str
+    user: str
+    max_jobs: int
+    expires_ns: int
+
+
+class Ticket(BaseModel):  # kind "ticket", signed by the validator
+    ticket_id: str
+    job_id: str
+    attempt: int
+    miner: str
+    executor_class: str
+    expires_ns: int
+
+
+class TicketFetch(BaseModel):  # kind "ticket_fetch", signed by the miner
+    ticket_id: str
+
+
+class SpecGrant(BaseModel):  # kind "job_spec", signed by the validator
+    ticket_id: str
+    job_id: str
+    spec: JobSpec
+
+
+class StatusReport(BaseModel):  # kind "job_status", signed by the miner
+    ticket_id: str
+    attempt: int
+    status: JobStatus
+    detail: str = ""
+    failure: Failure | None = None
+
+
+class ReceiptsPull(BaseModel):  # kind "receipts_pull", signed by the validator: a page of a job's receipts
+    job_id: str
+    after_seq: int = -1
+    limit: int = Field(gt=0, le=1000, default=100)
+
+
+KINDS = {
+    "admission_join": JoinRequest,
+    "node_started": NodeStarted,
+    "heartbeat": Heartbeat,
+    "node_lost": NodeLost,
+    "capability_request": CapabilityRequest,
+    "capability": Capability,
+    "ticket": Ticket,
+    "ticket_fetch": TicketFetch,
+    "ticket_current": TicketFetch,
+    "job_spec": SpecGrant,
+    "job_status": StatusReport,
+    "job_result": JobResult,
+    "stream_ready": StreamReady,
+    "receipts_pull": ReceiptsPull,
+}
+
+
+def miner_resource(hotkey: str) -> str:
+    return f"miner:{hotkey}"
+
+
+def executor_resource(executor_class: str) -> str:
+    return f"executor:{executor_class}"

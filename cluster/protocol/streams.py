@@ -1,0 +1,67 @@
+"""Messages of the streaming lifecycle (DESIGN §2, §6): what crosses between a client,
+validator-core and a miner agent. Times are Unix ns (``*_ns``), durations seconds (``*_s``).
+
+    client --StreamSpec-->  validator-core  (capability)         -> StreamView (status accepted)
+    validator-core --Serve REST--> the app, pinned to the miner's node, route /jobs/<job_id>
+    agent  --heartbeat-->   validator-core  -> [StreamAssignment]  (the streams placed on it)
+    agent  --StreamReady (signed by the miner hotkey)--> validator-core -> status streaming_ready
+    client <--StreamView (with the signed readiness)-- validator-core
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cluster.protocol.jobs import Failure, JobStatus, StatusEvent
+from cluster.protocol.keys import PublicKey
+
+READY_KIND = "stream_ready"  # envelope kind of the readiness message
+
+
+class StreamSpec(BaseModel):
+    """What a client asks for: a whitelisted app, where, for whom, for how long."""
+
+    model_config = ConfigDict(extra="forbid")
+    app: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=32)
+    executor_class: str = "always_on.test"
+    client_keys: list[PublicKey] = Field(min_length=1, max_length=16)
+    max_duration_s: int = Field(gt=0, default=3600, description="the job ends (completed) this long after it is placed")
+    options: dict[str, float | int | str | bool] = Field(default_factory=dict,
+                                                         description="app options the whitelist entry allows")
+
+
+class StreamView(BaseModel):
+    """A streaming job as validator-core records it."""
+
+    job_id: str
+    status: JobStatus
+    app: str
+    version: str
+    executor_class: str
+    miner_hotkey: str | None = None
+    route_prefix: str
+    created_ns: int
+    deadline_ns: int | None = None
+    readiness: dict | None = Field(default=None, description="the miner-signed readiness envelope (kind stream_ready)")
+    failure: Failure | None = None
+    history: list[StatusEvent] = Field(default_factory=list)
+
+
+class StreamReady(BaseModel):  # kind "stream_ready", signed by the miner hotkey
+    """The readiness message of DESIGN §6: binds the job key to the miner and its proxy."""
+
+    job_id: str
+    job_key: PublicKey
+    proxy_url: str
+    weights_sha256: str | None = None
+
+
+class StreamAssignment(BaseModel):
+    """In a heartbeat answer: a streaming job placed on this miner (its proxy must serve it)."""
+
+    job_id: str
+    route_prefix: str
+    client_keys: list[PublicKey]
+    deadline_ns: int
+    ready: bool = False  # validator-core already holds this job's readiness

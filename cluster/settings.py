@@ -1,0 +1,212 @@
+"""Typed settings with local defaults, overridable by a TOML file and then the environment.
+
+Precedence (last wins): model defaults < TOML file < ``RAYHORDE_<ROLE>_<FIELD>`` variables <
+explicit keyword overrides. Environment values are parsed as JSON when they look like JSON
+(lists, numbers, tables), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("RAYHORDE_HOME", Path.home() / ".rayhorde"))
+
+
+class ExecutorClass(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    description: str = ""
+    memory_mb: int = Field(gt=0)
+    cpus_milli: int = Field(gt=0)
+    pids: int = Field(gt=0)
+    gpus: int = Field(ge=0, default=0)
+    max_execution_s: int = Field(gt=0)
+    tmp_mb: int = Field(gt=0, default=64)
+    artifacts_max_bytes: int = Field(gt=0)
+    artifact_file_max_bytes: int = Field(gt=0)
+    log_max_bytes: int = Field(gt=0)
+    output_max_mb: int = Field(gt=0, default=64)  # /output is a tmpfs of this size: a hard cap while writing
+    volume_max_download_bytes: int = Field(gt=0, default=256 * 2**20)
+    volume_max_unpacked_bytes: int = Field(gt=0, default=512 * 2**20)
+    volume_max_files: int = Field(gt=0, default=10_000)
+    max_download_s: int = Field(gt=0, default=600)
+    max_upload_s: int = Field(gt=0, default=600)
+    max_image_pull_s: int = Field(gt=0, default=600)
+
+
+def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
+    path = _resolve(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+        return {name: ExecutorClass.model_validate(body) for name, body in raw["classes"].items()}
+    except FileNotFoundError as exc:
+        raise ConfigError(f"executor classes file {path} does not exist") from exc
+    except (tomllib.TOMLDecodeError, KeyError, ValidationError) as exc:
+        raise ConfigError(f"executor classes file {path} is malformed: {exc}") from exc
+
+
+class ValidatorSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    netuid: int = 12
+    home: Path = Field(default_factory=lambda: default_home() / "validator")
+    wallet_dir: Path = Field(default_factory=lambda: default_home() / "wallets")
+    wallet: str = "validator"
+    wallet_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8750
+    db_url: str | None = None  # default: sqlite file under home
+    metagraph_path: Path = Path("configs/metagraph.local.json")
+    executor_classes_path: Path = Path("configs/executor_classes.toml")
+    users: list[str] = []
+    banned_hotkeys: list[str] = []
+    image_allow: list[str] = []  # glob patterns; empty = every image not denied
+    image_deny: list[str] = []
+    max_clock_skew_s: float = Field(gt=0, default=5)
+    ticket_ttl_s: float = Field(gt=0, default=60)
+    challenge_ttl_s: float = Field(gt=0, default=30)
+    capability_max_ttl_s: float = Field(gt=0, default=3600)
+    heartbeat_interval_s: float = Field(gt=0, default=2)
+    heartbeat_timeout_s: float = Field(gt=0, default=10)
+    deadline_leeway_s: float = Field(ge=0, default=30)
+    max_attempts: int = Field(ge=1, default=3)
+    incident_penalty_s: float = Field(ge=0, default=600)  # a charged incident lowers a miner's priority this long
+    sweep_interval_s: float = Field(gt=0, default=1)
+    ray_port_base: int = 6380
+    ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>
+    ray_token_path: Path | None = None  # default: <home>/ray_token
+    # streaming jobs (Serve apps driven through the head's Serve REST API)
+    whitelist_path: Path = Path("configs/serve_apps.toml")
+    deploy_streams: bool = True  # false: no Ray head to deploy to (unit tests)
+    serve_http_port: int | None = None  # default: ray_port_base + 9 (a free slot of the head's port block)
+    serve_request_timeout_s: float = Field(gt=0, default=600)  # cluster-wide: above the longest request
+    stream_max_duration_s: float = Field(gt=0, default=24 * 3600)
+    stream_deploy_timeout_s: float = Field(gt=0, default=300)
+    # verification (issue 5): collect every answer's receipt, verify a sample on the private cluster
+    verify_interval_s: float = Field(gt=0, default=5)  # how often answers are pulled from miners' proxies
+    verify_fraction: float = Field(ge=0, le=1, default=0.1)  # of collected answers sent to the verifiers
+    verify_batch_min: int = Field(gt=0, default=16)  # a GPU start is worth this many answers...
+    verify_batch_max_age_s: float = Field(gt=0, default=600)  # ...or an answer this old
+    verify_batch_max: int = Field(gt=0, default=64)
+    # logprob margin: `python -m benchmarks.detection --honest 200` calibrated 0.625 on answers kept apart
+    # (2 x the widest honest top-choice gap over vLLM fp32 and transformers bf16); bf16 alone reaches ~0.22
+    verify_margin: float = Field(ge=0, default=0.625)
+    # the batch statistic for lower-precision copies (verification.calibration): honest mismatch rate of
+    # the verifier configuration (the detection benchmark's "honest p0": 0.0172 for vLLM fp32, 0.0217 for
+    # transformers bf16, over fp32 and bf16 honest answers), and the one-sided z of the bound
+    verify_batch_honest_rate: float = Field(gt=0, lt=1, default=0.02)
+    verify_batch_z: float = Field(gt=0, default=4.0)
+    verify_probe_interval_s: float = Field(ge=0, default=600)  # validator-core's own requests per verifiable stream; 0: off
+    verify_probe_timeout_s: float = Field(gt=0, default=120)
+    verify_keep_warm_s: float = Field(ge=0, default=120)  # the verifier actor waits this long for the next batch
+    verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
+    verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
+    verification_address: str | None = None  # GCS address of the private verification cluster; None: off
+    verification_token_path: Path | None = None  # its Ray token (a cluster of its own: not the public one's)
+    verifier_factory: str = "cluster.verification.verifier:Verifier"  # module:callable on the worker
+    # scoring (validator/scoring.py): executor-seconds per cycle -> u16 weights on the chain
+    score_cycle_s: float = Field(gt=0, default=4320)  # one subnet tempo: 360 blocks x 12 s
+    weights_path: Path | None = None  # the local chain's weights log; default: <home>/chain-weights.jsonl
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def resolved_db_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.home / 'validator.db'}"
+
+    def resolved_weights_path(self) -> Path:
+        return self.weights_path or self.home / "chain-weights.jsonl"
+
+    def gcs_address(self) -> str:
+        return self.ray_gcs_address or f"127.0.0.1:{self.ray_port_base}"
+
+    def token_path(self) -> Path:
+        return self.ray_token_path or self.home / "ray_token"
+
+    def resolved_serve_http_port(self) -> int:
+        return self.serve_http_port or self.ray_port_base + 9
+
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.ray_port_base + 1}"  # HeadPorts.from_base(ray_port_base).dashboard
+
+
+class MinerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "miner"
+    home: Path = Field(default_factory=lambda: default_home() / "miner")
+    wallet_dir: Path = Field(default_factory=lambda: default_home() / "wallets")
+    wallet: str = "miner"
+    wallet_uri: str | None = None
+    validator_url: str = "http://127.0.0.1:8750"
+    validator_hotkey: str
+    executor_classes: dict[str, int] = {"always_on.test": 1}
+    executor_classes_path: Path = Path("configs/executor_classes.toml")
+    proxy_url: str = ""  # the public address of this miner's streaming proxy (default http://127.0.0.1:<proxy_port>)
+    proxy_port: int = 0  # the proxy binds 127.0.0.1:<proxy_port>; 0: node_port_base + 9
+    stream_idle_timeout_s: float = Field(gt=0, default=10)  # a stream that sends nothing this long is ended
+    stream_volume_max_mb: int = Field(gt=0, default=64)  # a file sent to a streaming job
+    num_cpus: int = Field(ge=0, default=1)
+    object_store_mb: int = Field(ge=50, default=80)
+    node_port_base: int = 0  # 0: pick free ports
+    ray_temp_dir: Path | None = None  # keep short: unix socket paths are limited to 107 bytes
+    max_clock_skew_s: float = Field(gt=0, default=5)
+    docker_host: str = "unix:///run/rayhorde-docker.sock"
+    image_user: str = "65534:65534"
+    # Downloads and uploads to loopback / private addresses are refused unless this is set (a
+    # job must not aim the miner at its own agent, the Ray dashboard or a metadata service).
+    allow_private_networks: bool = False
+    hf_endpoint: str | None = None  # default: $HF_ENDPOINT, else https://huggingface.co
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_settings(model: type[M], path: str | Path | None, *, env_prefix: str, **overrides: Any) -> M:
+    """Build ``model`` from defaults, the TOML file at ``path``, the environment and ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = _resolve(path)
+        try:
+            data.update(tomllib.loads(p.read_text()))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"settings file {p} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"settings file {p} is not valid TOML: {exc}") from exc
+    for name in model.model_fields:
+        value = os.environ.get(f"{env_prefix}{name.upper()}")
+        if value is not None:
+            data[name] = _parse_env(value)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {model.__name__} (from {path or 'defaults'} + environment): {exc}") from exc
+    for name, value in settings:
+        if isinstance(value, Path) and not value.is_absolute() and name.endswith("_path"):
+            setattr(settings, name, _resolve(value))
+    return settings
+
+
+def _parse_env(value: str) -> Any:
+    if value[:1] in "[{" or value.replace(".", "", 1).isdigit() or value in ("true", "false"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else REPO_ROOT / p
