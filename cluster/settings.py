@@ -3,6 +3,10 @@
 Precedence (last wins): model defaults < TOML file < ``RAYHORDE_<ROLE>_<FIELD>`` variables <
 explicit keyword overrides. Environment values are parsed as JSON when they look like JSON
 (lists, numbers, tables), else taken as strings.
+
+Paths: a relative path written in a TOML file is relative to that file's folder (so a config
+folder can be moved as a whole); one from the environment or an override is relative to the
+current directory. Path defaults name the configs rayhorde ships (:mod:`cluster.resources`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.errors import ConfigError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from cluster.protocol.moved import current_module_path
+from cluster.resources import config_path
 
 
 def default_home() -> Path:
@@ -46,7 +50,7 @@ class ExecutorClass(BaseModel):
 
 
 def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
-    path = _resolve(path)
+    path = Path(path).absolute()
     try:
         raw = tomllib.loads(path.read_text())
         return {name: ExecutorClass.model_validate(body) for name, body in raw["classes"].items()}
@@ -66,8 +70,8 @@ class ValidatorSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8750
     db_url: str | None = None  # default: sqlite file under home
-    metagraph_path: Path = Path("configs/metagraph.local.json")
-    executor_classes_path: Path = Path("configs/executor_classes.toml")
+    metagraph_path: Path = Field(default_factory=lambda: config_path("metagraph.local.json"))
+    executor_classes_path: Path = Field(default_factory=lambda: config_path("executor_classes.toml"))
     users: list[str] = []
     banned_hotkeys: list[str] = []
     image_allow: list[str] = []  # glob patterns; empty = every image not denied
@@ -86,13 +90,13 @@ class ValidatorSettings(BaseModel):
     ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>
     ray_token_path: Path | None = None  # default: <home>/ray_token
     # streaming jobs (Serve apps driven through the head's Serve REST API)
-    whitelist_path: Path = Path("configs/serve_apps.toml")
+    whitelist_path: Path = Field(default_factory=lambda: config_path("serve_apps.toml"))
     deploy_streams: bool = True  # false: no Ray head to deploy to (unit tests)
     serve_http_port: int | None = None  # default: ray_port_base + 9 (a free slot of the head's port block)
     serve_request_timeout_s: float = Field(gt=0, default=600)  # cluster-wide: above the longest request
     stream_max_duration_s: float = Field(gt=0, default=24 * 3600)
     stream_deploy_timeout_s: float = Field(gt=0, default=300)
-    # verification (issue 5): collect every answer's receipt, verify a sample on the private cluster
+    # verification: collect every answer's receipt, verify a sample on the private cluster
     verify_interval_s: float = Field(gt=0, default=5)  # how often answers are pulled from miners' proxies
     verify_fraction: float = Field(ge=0, le=1, default=0.1)  # of collected answers sent to the verifiers
     verify_batch_min: int = Field(gt=0, default=16)  # a GPU start is worth this many answers...
@@ -117,6 +121,11 @@ class ValidatorSettings(BaseModel):
     # scoring (validator/scoring.py): executor-seconds per cycle -> u16 weights on the chain
     score_cycle_s: float = Field(gt=0, default=4320)  # one subnet tempo: 360 blocks x 12 s
     weights_path: Path | None = None  # the local chain's weights log; default: <home>/chain-weights.jsonl
+
+    @field_validator("verifier_factory")
+    @classmethod
+    def _moved(cls, path: str) -> str:
+        return current_module_path(path)  # a config written before a module moved still names it
 
     @property
     def url(self) -> str:
@@ -151,7 +160,7 @@ class MinerSettings(BaseModel):
     validator_url: str = "http://127.0.0.1:8750"
     validator_hotkey: str
     executor_classes: dict[str, int] = {"always_on.test": 1}
-    executor_classes_path: Path = Path("configs/executor_classes.toml")
+    executor_classes_path: Path = Field(default_factory=lambda: config_path("executor_classes.toml"))
     proxy_url: str = ""  # the public address of this miner's streaming proxy (default http://127.0.0.1:<proxy_port>)
     proxy_port: int = 0  # the proxy binds 127.0.0.1:<proxy_port>; 0: node_port_base + 9
     stream_idle_timeout_s: float = Field(gt=0, default=10)  # a stream that sends nothing this long is ended
@@ -176,9 +185,9 @@ def load_settings(model: type[M], path: str | Path | None, *, env_prefix: str, *
     """Build ``model`` from defaults, the TOML file at ``path``, the environment and ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = _resolve(path)
+        p = Path(path).absolute()
         try:
-            data.update(tomllib.loads(p.read_text()))
+            data.update(_relative_to(p.parent, model, tomllib.loads(p.read_text())))
         except FileNotFoundError as exc:
             raise ConfigError(f"settings file {p} does not exist") from exc
         except tomllib.TOMLDecodeError as exc:
@@ -186,19 +195,30 @@ def load_settings(model: type[M], path: str | Path | None, *, env_prefix: str, *
     for name in model.model_fields:
         value = os.environ.get(f"{env_prefix}{name.upper()}")
         if value is not None:
-            data[name] = _parse_env(value)
+            data[name] = parse_env_value(value)
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         settings = model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid {model.__name__} (from {path or 'defaults'} + environment): {exc}") from exc
     for name, value in settings:
-        if isinstance(value, Path) and not value.is_absolute() and name.endswith("_path"):
-            setattr(settings, name, _resolve(value))
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(settings, name, value.absolute())
     return settings
 
 
-def _parse_env(value: str) -> Any:
+def _relative_to(folder: Path, model: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with each relative path of a Path-typed field made relative to ``folder``."""
+    out = dict(data)
+    for name, value in data.items():
+        field = model.model_fields.get(name)
+        if field is not None and "Path" in str(field.annotation) and isinstance(value, str) and value:
+            out[name] = str(folder / value) if not Path(value).is_absolute() else value
+    return out
+
+
+def parse_env_value(value: str) -> Any:
+    """An environment variable's value: JSON when it looks like JSON, else the string."""
     if value[:1] in "[{" or value.replace(".", "", 1).isdigit() or value in ("true", "false"):
         try:
             return json.loads(value)
@@ -206,7 +226,3 @@ def _parse_env(value: str) -> Any:
             pass
     return value
 
-
-def _resolve(path: str | Path) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() else REPO_ROOT / p

@@ -1,7 +1,8 @@
 """The public surface of ``jobs``: what a driver script needs to run organic jobs."""
 
-from jobs._private.client import JobHandle, JobNotFinished, submit
+from cluster.errors import JobNotFinished
 from cluster.protocol.jobs import Failure, FailureKind, JobResult, JobSpec, JobStatus, JobView, StatusEvent
+from jobs._private.client import JobHandle, submit
 
 __all__ = [
     "Failure",

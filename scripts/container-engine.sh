@@ -7,7 +7,7 @@
 #   scripts/container-engine.sh image   # build rayhorde/busybox:local (busybox-static rootfs)
 #
 # The daemon is private to rayhorde: its own socket, data-root and exec-root, and the three
-# network flags, without which dockerd rewrites the host firewall (DESIGN §3).
+# network flags, without which dockerd rewrites the host firewall.
 set -euo pipefail
 STATE=${RAYHORDE_ENGINE_DIR:-/var/lib/rayhorde-engine}
 SOCK=${RAYHORDE_DOCKER_SOCK:-/run/rayhorde-docker.sock}

@@ -1,7 +1,8 @@
 """The one Serve application builder every whitelisted app is deployed through.
 
-validator-core deploys streaming jobs with Serve's REST API (DESIGN §1: it drives the cluster
-over HTTP and never unpickles what the cluster produced), so each application in the config is
+validator-core deploys streaming jobs with Serve's REST API (it drives the cluster over HTTP
+and never unpickles anything a miner's node produced: ``ray.get`` would run the producer's
+code in validator-core), so each application in the config is
 ``import_path: serve_apps.builder:build`` with JSON ``args``:
 
     {"app": "module:Class", "name": <deployment name>, "pin_resource": "miner:<hotkey>",

@@ -5,7 +5,8 @@ as server-sent events, one event per 64 bytes, then ``data: [DONE]``. ``GET <pre
 gives the job key (the agent signs it into the readiness message). ``POST <prefix>/volume``
 with ``{"name": ...}`` answers ``{"name", "content"}`` of a file the client put into the job's
 volume through the miner proxy (``PUT /jobs/<id>/volume/<name>``). Every answer carries the
-job's half of the receipt. It is a plain ASGI-callable class, so Ray Serve can deploy it
+job's half of the receipt; errors are rayhorde's one error shape (``{"error": {"reason",
+"message"}}``, no receipt). It is a plain ASGI-callable class, so Ray Serve can deploy it
 (``serve.deployment(EchoApp)``) and tests can run it under uvicorn.
 """
 
@@ -18,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.errors import Refused
+from cluster.protocol.http import error_body
 from cluster.protocol.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, JobSide
 from cluster.protocol.keys import PublicKey
 
@@ -36,16 +38,19 @@ class EchoApp:
         if request.method == "GET" and local == "/-/key":
             return JSONResponse({"job_id": self.side.job_id, "job_key": self.side.key.public.model_dump()})
         if request.method != "POST" or local not in ("/echo", "/volume"):
-            return JSONResponse({"reason": "not_found", "message": f"no route {request.method} {local}"}, 404)
+            return JSONResponse(error_body("not_found", f"no route {request.method} {local}"), 404)
         body = await request.body()
         t_from = self.side.clock()
         full = path + (f"?{request.url.query}" if request.url.query else "")
         try:
             env = self.side.check(request.headers, body, method="POST", path=full)
         except Refused as exc:
-            return JSONResponse({"reason": exc.reason, "message": exc.message}, exc.status_code or 403)
+            return JSONResponse(error_body(exc.reason, exc.message), exc.status_code or 403)
         if local == "/volume":
-            out = self._read_volume(body)
+            try:
+                out = self._read_volume(body)
+            except Refused as exc:
+                return JSONResponse(error_body(exc.reason, exc.message), exc.status_code or 400)
             return Response(out, media_type="application/json",
                             headers={JOB_RECEIPT_HEADER: self.side.sign(env, t_from=t_from, output=out)})
         if request.query_params.get("stream") != "1":
@@ -71,10 +76,12 @@ class EchoApp:
     def _read_volume(self, body: bytes) -> bytes:
         try:
             name = str(json.loads(body)["name"])
-            path = self.side.volume_file(name)
-            answer = {"name": name, "content": path.read_text(errors="replace")}
         except (ValueError, KeyError, TypeError):
-            answer = {"error": 'send {"name": <file name>}'}
+            raise Refused("malformed", 'send {"name": <file name>}', status_code=400) from None
+        try:
+            content = self.side.volume_file(name).read_text(errors="replace")
         except OSError as exc:
-            answer = {"error": f"cannot read it: {exc.strerror}"}
-        return json.dumps(answer).encode()
+            raise Refused("no_such_file", f"cannot read {name!r} from the job's volume: {exc.strerror} (put it "
+                          "there first: PUT /jobs/<id>/volume/<name> through the miner proxy)",
+                          status_code=404) from None
+        return json.dumps({"name": name, "content": content}).encode()

@@ -7,13 +7,16 @@ readiness message). It is a plain ASGI-callable class like :class:`serve_apps.ec
 Ray Serve deploys it (validator-core, through ``serve_apps.builder``), tests run it
 under uvicorn.
 
-What makes answers checkable (DESIGN §2): every request's client envelope is checked by the job
+What makes answers checkable: every request's client envelope is checked by the job
 itself before any work (a call that skips the miner proxy is refused); the app applies the
 whitelisted chat template itself; greedy answers are argmax, sampled ones use keyed Gumbel noise
 keyed by the request id (sha256 of the client-signed envelope, nothing the miner picks); answers
 carry the output ``token_ids`` and a ``rayhorde`` object; every answer carries the job's half of
 the receipt (header for JSON, final SSE comment line for streams) over the exact bytes sent. The
-app refuses to start when its weights are not the ones the whitelist pins.
+app refuses to start when its weights are not the ones the whitelist pins. Every error answer,
+the job's own refusals included, is rayhorde's one error shape (``{"error": {"reason",
+"message", ...}}``) with OpenAI's ``type``, ``param`` and ``code`` beside, so both rayhorde's
+client and the official ``openai`` client read it.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from typing import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from cluster.errors import ConfigError, Refused
+from cluster.errors import AppRefused, BadRequest, ConfigError, Refused
 from cluster.protocol.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, JobSide
 from cluster.protocol.keys import PublicKey
+from cluster.protocol.whitelist import weights_digest
 from serve_apps.inference import openai_api as api
 from serve_apps.inference.engine import (
     MAX_PROMPT_TOKENS, EngineCapability, InferenceEngine, chat_prompt_ids,
 )
-from cluster.protocol.whitelist import AppRefused, weights_digest
 
 log = logging.getLogger("rayhorde.llm")
 ENGINES = ("vllm", "transformers")
@@ -74,26 +77,26 @@ class LLMApp:
                                  "weights_sha256": self.engine.weights_sha256})
         routes = {("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions")}
         if (request.method, local) not in routes:
-            return JSONResponse({"reason": "not_found", "message": f"no route {request.method} {local}"}, 404)
+            return JSONResponse(api.openai_error(f"no route {request.method} {local}", code="not_found"), 404)
         body = await request.body()
         t_from = self.side.clock()
         full = path + (f"?{request.url.query}" if request.url.query else "")
         try:  # before any work: a request that skipped the proxy, or a replay, costs nothing
             env = self.side.check(request.headers, body, method=request.method, path=full)
         except Refused as exc:
-            return JSONResponse({"reason": exc.reason, "message": exc.message}, exc.status_code or 403)
+            return JSONResponse(api.openai_error(exc.message, code=exc.reason), exc.status_code or 403)
         try:
             if local == "/v1/models":
                 return self._buffered(env, t_from, self._models())
             chat = local == "/v1/chat/completions"
             req = api.parse(api.ChatRequest if chat else api.CompletionRequest, body)
             prompt_ids = self._prompt_ids(req, chat)
-        except api.BadRequest as exc:
-            return JSONResponse(exc.body(), exc.status)
+        except BadRequest as exc:
+            return JSONResponse(api.bad_request_body(exc), exc.status)
         max_tokens, temperature, top_k = req.resolved()
         if temperature > 0 and top_k > 1 and EngineCapability.KEYED_SAMPLING not in self.engine.capabilities:
-            err = api.BadRequest("this engine only decodes greedily: use temperature 0", param="temperature")
-            return JSONResponse(err.body(), err.status)
+            return JSONResponse(api.openai_error("this engine only decodes greedily: use temperature 0",
+                                                 code="invalid_request", param="temperature"), 400)
         gen = self.engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,
                                    key_hex=env.request_id)
         info = api.rayhorde_info(env.request_id, temperature, top_k, self.engine.weights_sha256, prompt_ids)
@@ -107,8 +110,8 @@ class LLMApp:
             ids = [token async for token in gen]
         except Exception as exc:  # noqa: BLE001 - the engine failed: an OpenAI-style 500, no receipt
             log.exception("generation failed for request %s", env.request_id)
-            err = api.BadRequest(f"generation failed: {exc}", code="engine_error", status=500, type_="server_error")
-            return JSONResponse(err.body(), err.status)
+            return JSONResponse(api.openai_error(f"generation failed: {exc}", code="engine_error",
+                                                 type_="server_error"), 500)
         text = api.output_text(self.engine.tokenizer, ids, self.engine.stop_token_ids)
         choice = {"index": 0, "finish_reason": self._finish(ids), "logprobs": None, "token_ids": ids}
         if chat:
@@ -126,7 +129,7 @@ class LLMApp:
 
     def _prompt_ids(self, req, chat: bool) -> list[int]:
         if req.model != self.engine.model_name:
-            raise api.BadRequest(f"model {req.model!r} is not served here; this job serves "
+            raise BadRequest(f"model {req.model!r} is not served here; this job serves "
                                  f"{self.engine.model_name!r}", param="model", code="model_not_found", status=404)
         tok = self.engine.tokenizer
         if chat:
@@ -134,9 +137,9 @@ class LLMApp:
         else:
             ids = api.completion_prompt_ids(tok, req.prompt)
             if any(not 0 <= t < len(tok) for t in ids):
-                raise api.BadRequest("prompt: token ids out of the vocabulary", param="prompt")
+                raise BadRequest("prompt: token ids out of the vocabulary", param="prompt")
         if not 1 <= len(ids) <= MAX_PROMPT_TOKENS:
-            raise api.BadRequest(f"the prompt has {len(ids)} tokens; 1 to {MAX_PROMPT_TOKENS} are allowed",
+            raise BadRequest(f"the prompt has {len(ids)} tokens; 1 to {MAX_PROMPT_TOKENS} are allowed",
                                  param="messages" if chat else "prompt", code="context_length_exceeded")
         return ids
 
@@ -182,8 +185,8 @@ class LLMApp:
                 yield event
         except Exception as exc:  # noqa: BLE001 - the engine failed mid-answer: say so, sign what was sent
             log.exception("generation failed for request %s", env.request_id)
-            event = b"data: " + api.dumps({"error": {"message": f"generation failed: {exc}", "type": "server_error",
-                                                     "param": None, "code": "engine_error"}}) + b"\n\n"
+            event = b"data: " + api.dumps(api.openai_error(f"generation failed: {exc}", code="engine_error",
+                                                           type_="server_error")) + b"\n\n"
             sent.extend(event)
             yield event
         done = b"data: [DONE]\n\n"

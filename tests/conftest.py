@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Read by Ray when it is imported: keeps this process's driver on 127.0.0.1 (DESIGN §3).
+# Read by Ray when it is imported: keeps this process's driver on 127.0.0.1 (without it Ray 2.60 on
+# Linux rewrites 127.0.0.1 to the machine's routable address and listens on every interface).
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "token"
 

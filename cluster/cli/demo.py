@@ -4,14 +4,21 @@ system's hello-world job, a failing job, and ``examples/hello.py`` through the r
 ``openai`` client), every answer's receipt verified; then validator-core verifies the LLM's
 answers on its private, autoscaled verification cluster (one prefill pass each), exports a
 proof that another process re-scores, and shows the cycle's scores; then everything is shut
-down and checked to be gone."""
+down and checked to be gone.
+
+Nothing here reads the checkout: ``examples/hello.py`` and the miner config come from
+:mod:`cluster.resources` (package data in an installed wheel), and ``ray job submit`` uploads a
+temporary working dir holding only the example.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,38 +26,30 @@ import click
 import docker
 import psutil
 
+from cluster.cli.common import user_capability
+from cluster.cli.jobs import print_view, run_job
 from cluster.devstack.local_stack import LocalStack
-from cluster.settings import REPO_ROOT, MinerSettings, load_settings
+from cluster.fabric.ports import listening_sockets
+from cluster.fabric.processes import process_tree
+from cluster.resources import config_path, example_path, package_root
+from cluster.settings import MinerSettings, load_settings
 
 HELLO = 'echo "Hello, $NAME!" | tee -a /artifacts/stuff'
 
 
-def process_tree(pids: list[int]) -> set[int]:
-    out: set[int] = set()
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            out.add(pid)
-            out.update(c.pid for c in p.children(recursive=True))
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def listening_sockets(pids: set[int] | None = None) -> set[tuple[str, int]]:
-    """Listening (ip, port) pairs, of ``pids`` only when given."""
-    return {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-            if c.status == psutil.CONN_LISTEN and (pids is None or c.pid in pids)}
-
-
-def ray_job_submit(state: dict, capability: str, script: str) -> subprocess.CompletedProcess:
+def ray_job_submit(state: dict, capability: str, example: str) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir <tmp> -- python <example>``, the example shipped with rayhorde
+    copied alone into a temporary working dir (the driver imports ``jobs`` from the Ray node's
+    own path, as a user's driver would)."""
     token = Path(state["token_path"]).read_text().strip()
     env_vars = {"RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": capability}
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", state["dashboard_url"],
-           "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}),
-           "--", "python", script]
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    with tempfile.TemporaryDirectory(prefix="rayhorde-demo-") as work:
+        shutil.copy(example_path(example), Path(work) / example)
+        cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", state["dashboard_url"],
+               "--working-dir", work, "--runtime-env-json", json.dumps({"env_vars": env_vars}),
+               "--", "python", example]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=work)
 
 
 def _streaming_step(state: dict, cap: str) -> bool:
@@ -133,8 +132,9 @@ def _verification_step(state: dict, home: Path, job, streams, cap: str) -> bool:
         path = home / "proof.json"
         path.write_bytes(next(iter(proofs.values())))
         t1 = time.monotonic()
+        pythonpath = os.pathsep.join(p for p in (str(package_root()), os.environ.get("PYTHONPATH")) if p)
         out = subprocess.run([sys.executable, "-m", "cluster.cli.main", "verify-proof", str(path)], capture_output=True,
-                             text=True, timeout=600, cwd=REPO_ROOT)
+                             text=True, timeout=600, cwd=home, env={**os.environ, "PYTHONPATH": pythonpath})
         said = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith(("proof ", "error"))]
         click.echo(f"  proof     another process, the model and {path.name} only ({time.monotonic() - t1:.1f} s): "
                    f"{(said or ['(no answer)'])[-1][:200]}")
@@ -150,8 +150,6 @@ def _verification_step(state: dict, home: Path, job, streams, cap: str) -> bool:
 
 
 def run_demo(home: Path) -> int:
-    from cluster.cli.main import _user_capability, print_view, run_job
-
     stack = LocalStack(home, miners=2, executors_per_miner=2, verification=True, validator_env={
         "RAYHORDE_VALIDATOR_VERIFY_FRACTION": "1", "RAYHORDE_VALIDATOR_VERIFY_BATCH_MIN": "2",
         "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1"})  # every LLM answer checked, two make a batch
@@ -175,17 +173,17 @@ def run_demo(home: Path) -> int:
         ok &= view.failure is not None and view.failure.reason == "nonzero_return_code"
 
         click.echo("\n== 3. ray job submit ... -- python examples/hello.py")
-        cap = _user_capability(state, "user", "//Dave", max_jobs=1, ttl_s=600)
-        done = ray_job_submit(state, cap, "examples/hello.py")
+        cap = user_capability(state, "user", "//Dave", max_jobs=1, ttl_s=600)
+        done = ray_job_submit(state, cap, "hello.py")
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("job ", "artifact "))]
         click.echo("\n".join(f"  {ln}" for ln in lines) or done.stdout[-2000:] + done.stderr[-2000:])
         ok &= done.returncode == 0 and any("Hello, rayhorde!" in ln for ln in lines)
 
         click.echo("\n== 4. a streaming job: the echo app on a miner, behind its proxy, every answer signed")
-        ok &= _streaming_step(state, _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600))
+        ok &= _streaming_step(state, user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600))
 
         click.echo("\n== 5. the LLM app (vLLM on the miner's node) through the official openai client")
-        llm_cap = _user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600)
+        llm_cap = user_capability(state, "user", "//Dave", max_jobs=5, ttl_s=600)
         job, streams, cap, llm_ok = _llm_step(state, llm_cap)
         ok &= llm_ok
 
@@ -207,7 +205,7 @@ def run_demo(home: Path) -> int:
                    f"({len(pids)} processes, {len(sockets_before)} listening sockets while up)")
     time.sleep(0.5)
     alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    engine = docker.DockerClient(base_url=load_settings(MinerSettings, REPO_ROOT / "configs/miner.local.toml",
+    engine = docker.DockerClient(base_url=load_settings(MinerSettings, config_path("miner.local.toml"),
                                                        env_prefix="RAYHORDE_MINER_").docker_host)
     containers = engine.containers.list(all=True, filters={"label": "rayhorde.agent"})
     sockets = sockets_before & listening_sockets()

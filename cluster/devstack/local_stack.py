@@ -8,11 +8,8 @@ a crashed ``up``) stops exactly what was started, by PID, and nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -21,57 +18,26 @@ from typing import Any
 
 import httpx
 
-from cluster.fabric import ray_node
-from cluster.settings import REPO_ROOT, ValidatorSettings, _parse_env, load_settings
+from cluster.fabric import processes, ray_node
+from cluster.fabric.ports import PORT_BLOCK, HeadPorts, find_free_port_base
+from cluster.fabric.ray_node import short_tmp
+from cluster.resources import config_path
+from cluster.settings import ValidatorSettings, load_settings, parse_env_value
 
 DEV_MINER_URIS = ["//Bob", "//Charlie", "//Eve", "//Ferdie"]
 
 
-def _ephemeral_low(default: int = 32768) -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return default
-
-
-def find_free_port_base(lo: int = 20000, hi: int | None = None, block: int = ray_node.PORT_BLOCK) -> int:
-    """A base whose whole block of ports is free on 127.0.0.1 right now. Below the kernel's
-    ephemeral range by default: a port there is free now but may be taken a moment later by any
-    socket bound to port 0 or connecting out (a raylet then fails with "address already in use")."""
-    hi = hi or _ephemeral_low()
-    for _ in range(200):
-        base = random.randrange(lo, hi - block)
-        if all(_port_free(p) for p in range(base, base + block)):
-            return base
-    raise RuntimeError(f"no free block of {block} ports in {lo}-{hi}")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def short_tmp(home: Path, name: str) -> str:
-    """Ray's temp dir must stay short: unix socket paths are limited to 107 bytes."""
-    return f"/tmp/rh-{hashlib.sha256(str(home).encode()).hexdigest()[:6]}-{name}"
-
-
 class LocalStack:
     def __init__(self, home: str | Path, *, miners: int = 2, executors_per_miner: int = 2,
-                 validator_config: str | Path = REPO_ROOT / "configs/validator.local.toml",
-                 miner_config: str | Path = REPO_ROOT / "configs/miner.local.toml",
+                 validator_config: str | Path | None = None, miner_config: str | Path | None = None,
                  validator_env: dict[str, str] | None = None, miner_env: dict[str, str] | None = None,
                  miner_uris: list[str] | None = None,
                  port_base: int | None = None, validator_port: int | None = None, verification: bool = False) -> None:
         self.home = Path(home).resolve()
         self.miners = miners
         self.executors_per_miner = executors_per_miner
-        self.validator_config = Path(validator_config)
-        self.miner_config = Path(miner_config)
+        self.validator_config = Path(validator_config or config_path("validator.local.toml"))
+        self.miner_config = Path(miner_config or config_path("miner.local.toml"))
         self.validator_env = validator_env or {}
         self.miner_env = miner_env or {}
         self.miner_uris = miner_uris or DEV_MINER_URIS[:miners]
@@ -91,10 +57,11 @@ class LocalStack:
         tmp.replace(self.state_file)
 
     def _spawn(self, state: dict[str, Any], name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        """Start ``argv`` with ``os.environ`` + ``env`` (the overrides, recorded for restarts)."""
+        """Start ``argv`` with ``os.environ`` + ``env`` (the overrides, recorded for restarts), in
+        the stack's home: nothing it does depends on where rayhorde is installed or run from."""
         with open(self.home / "logs" / f"{name}.log", "ab", buffering=0) as log:
             proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO_ROOT)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.home)
         state.setdefault("pids", {})[name] = proc.pid
         state.setdefault("spawn", {})[name] = {"argv": argv, "env": env}
         self._save(state)
@@ -104,7 +71,7 @@ class LocalStack:
         """Start process ``name`` again as it was first started (after it died or was killed)."""
         state = self._state()
         pid = state["pids"][name]
-        if _alive(pid):
+        if processes.alive(pid):
             raise RuntimeError(f"{name} (pid {pid}) is still running")
         spec = state["spawn"][name]
         return self._spawn(state, name, spec["argv"], spec["env"]).pid
@@ -114,18 +81,18 @@ class LocalStack:
         if self._state().get("pids"):
             raise RuntimeError(f"a stack is already recorded in {self.state_file}; run `rayhorde down` first")
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
-        base = self.port_base or find_free_port_base(block=ray_node.PORT_BLOCK * (self.miners + 1))  # head + miners
+        base = self.port_base or find_free_port_base(block=PORT_BLOCK * (self.miners + 1))  # head + miners
         vport = self.validator_port or find_free_port_base(block=1)
         venv = {f"RAYHORDE_VALIDATOR_{k.upper()}": str(v) for k, v in {
             "home": self.home / "validator", "wallet_dir": self.home / "wallets", "port": vport,
             "ray_port_base": base}.items()}
         venv.update(self.validator_env)
-        vsettings = load_settings(ValidatorSettings, self.validator_config, env_prefix="__unused__",
-                                  **{k.removeprefix("RAYHORDE_VALIDATOR_").lower(): _parse_env(v) for k, v in venv.items()})
+        overrides = {k.removeprefix("RAYHORDE_VALIDATOR_").lower(): parse_env_value(v) for k, v in venv.items()}
+        vsettings = load_settings(ValidatorSettings, self.validator_config, env_prefix="__unused__", **overrides)
         from cluster.protocol.identity import read_or_create_secret
 
         token = read_or_create_secret(vsettings.token_path())
-        ports = ray_node.HeadPorts.from_base(base)
+        ports = HeadPorts.from_base(base)
         state: dict[str, Any] = {"home": str(self.home), "validator_url": vsettings.url,
                                  "dashboard_url": ports.dashboard_url, "gcs_address": ports.gcs_address,
                                  "token_path": str(vsettings.token_path()), "miners": {}}
@@ -149,7 +116,7 @@ class LocalStack:
                     "wallet_uri": self.miner_uris[i], "validator_url": vsettings.url,
                     "validator_hotkey": _validator_ss58(vsettings),
                     "executor_classes": json.dumps({"always_on.test": self.executors_per_miner}),
-                    "node_port_base": base + ray_node.PORT_BLOCK * (i + 1),
+                    "node_port_base": base + PORT_BLOCK * (i + 1),
                     "ray_temp_dir": short_tmp(self.home, name)}.items()}
                 menv.update(self.miner_env)
                 self._spawn(state, name, [sys.executable, "-m", "cluster.miner.main", "--config",
@@ -183,7 +150,7 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for name, pid in self._state().get("pids", {}).items():
-                if not _alive(pid):
+                if not processes.alive(pid):
                     raise RuntimeError(f"{name} (pid {pid}) exited during start-up; see {self.home}/logs/{name}.log")
             status = httpx.get(f"{url}/v1/status", timeout=5).json()
             if sum(1 for m in status["miners"] if m["node_id"]) >= self.miners:
@@ -199,14 +166,14 @@ class LocalStack:
         stopped = []
         order = sorted(pids, key=lambda n: (not n.startswith("miner"), n == "ray-head"))
         for name in order:
-            if _alive(pids[name]):
+            if processes.alive(pids[name]):
                 ray_node.stop_process(pids[name])
                 stopped.append(name)
         for name, m in state.get("miners", {}).items():  # a node orphaned by a killed agent
             node_file = Path(m["home"]) / "node.json"
             if node_file.exists():
                 pid = json.loads(node_file.read_text()).get("pid")
-                if pid and _alive(pid):
+                if pid and processes.alive(pid):
                     ray_node.stop_process(pid)
                     stopped.append(f"{name}-ray-node")
         verification = state.get("verification")
@@ -223,19 +190,6 @@ class LocalStack:
 def _validator_ss58(settings: ValidatorSettings) -> str:
     from cluster.protocol.identity import load_or_create_wallet
     return load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri).ss58
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie child of ours counts as gone
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
-    return True
 
 
 def _wait_http(url: str, timeout_s: float) -> None:

@@ -1,6 +1,7 @@
-"""Launching the Ray processes of rayhorde, each in its own OS process, on 127.0.0.1, token auth on.
+"""Launching and stopping the Ray processes of rayhorde, each in its own OS process, on
+127.0.0.1, token auth on.
 
-Why (Ray 2.60.0, DESIGN.md section 3):
+Why (measured with Ray 2.60.0):
 * On Linux Ray rewrites 127.0.0.1 to the routable address and listens on all interfaces;
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a node on loopback, but then ``ray start
   --address`` refuses to join. So the head is ``ray start --head --block`` and every other node is
@@ -8,10 +9,10 @@ Why (Ray 2.60.0, DESIGN.md section 3):
   ``ray.cluster_utils.Cluster.add_node`` uses) in its own process.
 * Token auth is on by default: every process needs ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``.
   The environment comes from an allow-list: the parent's secrets never reach Ray workers.
-* Default ports collide when nodes share a host: every port is explicit (``HeadPorts``).
+* Default ports collide when nodes share a host: every port is explicit (``ports.HeadPorts``).
 * ``ray stop`` kills every Ray process on the machine: each launch gets a new session and
   ``stop_process`` signals only what it started.
-* Unix socket paths are limited to 107 bytes: keep ``temp_dir`` short (e.g. /tmp/rh-xxxx/n0).
+* Unix socket paths are limited to 107 bytes: keep ``temp_dir`` short (:func:`short_tmp`).
   It is also the node's TMPDIR: the dashboard's forkserver (and vLLM) leave files there.
 * Ray workers inherit the raylet's working directory, which is the launcher's: the ``cwd`` given
   here is where tasks run (measured: ``os.getcwd()`` in a task == that directory).
@@ -19,6 +20,7 @@ Why (Ray 2.60.0, DESIGN.md section 3):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -28,50 +30,27 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from pathlib import Path
 
-LOOPBACK = "127.0.0.1"
-WORKER_PORT_COUNT = 50
-PORT_BLOCK = 64  # ports one node takes from its base; space bases at least this far apart
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cluster.fabric import processes
+from cluster.fabric.ports import LOOPBACK, HeadPorts
+from cluster.resources import package_root
+
 # Variables copied from the parent environment; nothing else is (no secrets leak to workers).
 ENV_ALLOW_LIST = ("HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR")
 
 
-@dataclass(frozen=True)
-class HeadPorts:
-    """Every port of a node, explicit, so several clusters can share a host.
+def short_tmp(home: Path, name: str) -> str:
+    """A Ray temp dir for node ``name`` of the stack in ``home``: /tmp/rh-<6 hex of home>-<name>,
+    short because unix socket paths under it are limited to 107 bytes."""
+    return f"/tmp/rh-{hashlib.sha256(str(home).encode()).hexdigest()[:6]}-{name}"
 
-    Worker nodes use the same layout (``HeadPorts.from_base(node_ports_base)``) and leave
-    ``gcs``, ``dashboard`` and ``client_server`` unused.
-    """
 
-    gcs: int
-    dashboard: int
-    client_server: int
-    dashboard_agent_grpc: int
-    dashboard_agent_http: int
-    metrics_export: int
-    runtime_env_agent: int
-    node_manager: int
-    object_manager: int
-    min_worker: int
-    max_worker: int
-
-    @classmethod
-    def from_base(cls, base: int) -> "HeadPorts":
-        """A consecutive block of ``PORT_BLOCK`` ports starting at ``base``."""
-        if not 1024 <= base <= 65535 - PORT_BLOCK:
-            raise ValueError(f"port base {base} out of range")
-        return cls(*range(base, base + 9), base + 10, base + 10 + WORKER_PORT_COUNT - 1)
-
-    @property
-    def gcs_address(self) -> str:
-        return f"{LOOPBACK}:{self.gcs}"
-
-    @property
-    def dashboard_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.dashboard}"
+def python_path() -> str:
+    """What a Ray process needs on PYTHONPATH to import rayhorde's packages by name (cloudpickle
+    references functions by module; verifier factories are "module:callable"): the folder that
+    holds the installed ``cluster`` package (the checkout in an editable install)."""
+    return str(package_root())
 
 
 def ray_env(token: str, base_env: dict | None = None) -> dict[str, str]:
@@ -91,7 +70,9 @@ def ray_env(token: str, base_env: dict | None = None) -> dict[str, str]:
     return env
 
 
-def _spawn(cmd: list[str], env: dict, log_path: str, cwd: str) -> subprocess.Popen:
+def spawn(cmd: list[str], env: dict, log_path: str, cwd: str) -> subprocess.Popen:
+    """Start ``cmd`` in a new session (its pgid is its pid: ``stop_process`` signals that group),
+    in ``cwd``, stdout and stderr appended to ``log_path``."""
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     os.makedirs(cwd, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
@@ -99,14 +80,13 @@ def _spawn(cmd: list[str], env: dict, log_path: str, cwd: str) -> subprocess.Pop
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1,
-               object_store_mb: int = 100, log_path: str, extra_env: dict | None = None,
-               cwd: str | None = None) -> subprocess.Popen:
-    """Start ``ray start --head --block`` in a new session; returns at once (see wait_head_ready).
-
-    Head tasks run in ``cwd``, by default an empty ``<temp_dir>/cwd`` (not the session files)."""
-    cmd = [
-        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
+def head_command(ports: HeadPorts, *, temp_dir: str, num_cpus: int, object_store_mb: int, num_gpus: int = 0,
+                 resources: dict | None = None, autoscaling_config: str | None = None) -> list[str]:
+    """``ray start --head --block`` on 127.0.0.1 with every port of ``ports`` explicit."""
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block"]
+    if autoscaling_config is not None:
+        cmd.append(f"--autoscaling-config={autoscaling_config}")
+    cmd += [
         f"--node-ip-address={LOOPBACK}", f"--port={ports.gcs}",
         "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
         f"--dashboard-port={ports.dashboard}", f"--ray-client-server-port={ports.client_server}",
@@ -116,15 +96,30 @@ def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1
         f"--runtime-env-agent-port={ports.runtime_env_agent}",
         f"--node-manager-port={ports.node_manager}", f"--object-manager-port={ports.object_manager}",
         f"--min-worker-port={ports.min_worker}", f"--max-worker-port={ports.max_worker}",
-        f"--num-cpus={num_cpus}", "--num-gpus=0",
-        f"--object-store-memory={object_store_mb * 1024 * 1024}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
     ]
-    # On SIGTERM a 2.60 head first "drains" itself for up to 30 s, which never completes for a
-    # head: 0 makes stop_process take ~2-4 s instead of ~30 s.
-    env = {**ray_env(token), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": temp_dir,
-           **(extra_env or {})}
-    return _spawn(cmd, env, log_path, cwd or os.path.join(temp_dir, "cwd"))
+    if resources is not None:
+        cmd.append(f"--resources={json.dumps(resources)}")
+    return cmd + [f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
+                  "--disable-usage-stats"]
+
+
+def head_env(token: str, temp_dir: str) -> dict[str, str]:
+    """A head's environment: ``ray_env`` plus its TMPDIR, and no drain on SIGTERM (a 2.60 head
+    otherwise "drains" itself for up to 30 s, which never completes for a head: 0 makes
+    ``stop_process`` take ~2-4 s instead of ~30 s)."""
+    return {**ray_env(token), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": temp_dir}
+
+
+def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1,
+               object_store_mb: int = 100, log_path: str, extra_env: dict | None = None,
+               cwd: str | None = None) -> subprocess.Popen:
+    """Start ``ray start --head --block`` in a new session; returns at once (see wait_head_ready).
+
+    Head tasks run in ``cwd``, by default an empty ``<temp_dir>/cwd`` (not the session files)."""
+    cmd = head_command(ports, temp_dir=temp_dir, num_cpus=num_cpus, object_store_mb=object_store_mb)
+    env = {**head_env(token, temp_dir), **(extra_env or {})}
+    return spawn(cmd, env, log_path, cwd or os.path.join(temp_dir, "cwd"))
 
 
 def wait_head_ready(ports: HeadPorts, token: str, timeout_s: float = 60) -> None:
@@ -162,33 +157,8 @@ def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict
     ]
     # cwd is empty, so the launcher (and, inheriting it, Ray workers, which must import rayhorde
     # modules that cloudpickle references by name) find this package through PYTHONPATH.
-    env = {**ray_env(token), "PYTHONPATH": _REPO_ROOT, "TMPDIR": temp_dir, **(extra_env or {})}
-    return _spawn(cmd, env, log_path, cwd)
-
-
-def _proc_table() -> dict[int, tuple[int, int, str, str]]:
-    """pid -> (ppid, pgid, state, starttime) from /proc (Linux); empty where /proc is missing."""
-    table = {}
-    for entry in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else ()):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # comm may contain spaces
-        except (OSError, IndexError):
-            continue
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[0], fields[19])
-    return table
-
-
-def _descendants(pid: int) -> dict[int, str]:
-    """pid -> starttime of every live descendant of pid (starttime guards against pid reuse)."""
-    table, out, todo = _proc_table(), {}, [pid]
-    while todo:
-        parent = todo.pop()
-        for child, (ppid, _, state, start) in table.items():
-            if ppid == parent and child not in out and state != "Z":
-                out[child] = start
-                todo.append(child)
-    return out
+    env = {**ray_env(token), "PYTHONPATH": python_path(), "TMPDIR": temp_dir, **(extra_env or {})}
+    return spawn(cmd, env, log_path, cwd)
 
 
 def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
@@ -199,36 +169,21 @@ def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
     node down in order (~0.3-4 s); SIGTERM to the whole group at once kills the GCS under the
     head's leader, which then hangs ~20-30 s. Then SIGTERM and SIGKILL to the group. Ray's worker
     processes (``ray::IDLE``, tasks, actors) get their OWN process groups, so descendants are
-    recorded first and any still alive at the end get SIGKILL by pid.
+    recorded first (with their start times) and any still alive at the end get SIGKILL by pid.
     """
     proc = proc_or_pid if isinstance(proc_or_pid, subprocess.Popen) else None
     pid = proc.pid if proc else int(proc_or_pid)
-    family = _descendants(pid)
+    family = processes.descendants(pid)
 
-    def group_alive() -> bool:  # zombies don't count: here PID 1 reaps orphans only every ~1 s
+    def group_gone() -> bool:
         if proc is not None:
             proc.poll()
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return False
-        table = _proc_table()
-        return not table or any(g == pid and st != "Z" for _, g, st, _ in table.values())
-
-    def stragglers() -> list[int]:
-        table = _proc_table()
-        return [p for p, start in family.items()
-                if p in table and table[p][3] == start and table[p][2] != "Z"]
-
-    def wait_until(done, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        return not processes.group_alive(pid)
 
     steps = ((os.kill, signal.SIGTERM, timeout_s), (os.killpg, signal.SIGTERM, 3.0),
              (os.killpg, signal.SIGKILL, 5.0))
     for send, sig, wait_s in steps:
-        if not group_alive():
+        if group_gone():
             break
         if send is os.kill and proc is not None and proc.returncode is not None:
             continue  # leader already reaped: its pid may be reused, signal the group only
@@ -236,13 +191,11 @@ def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
             send(pid, sig)
         except ProcessLookupError:
             pass
-        wait_until(lambda: not group_alive(), wait_s)
-    wait_until(lambda: not stragglers(), 3.0)  # workers exit on their own once the raylet is gone
-    for p in stragglers():
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        processes.wait_until(group_gone, wait_s)
+    # workers exit on their own once the raylet is gone
+    processes.wait_until(lambda: not processes.live(family), 3.0)
+    for p in processes.live(family):
+        processes.signal_pid(p, signal.SIGKILL)
     if proc is not None:
         proc.poll()
 

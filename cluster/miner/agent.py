@@ -23,13 +23,15 @@ from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import SignedEnvelope, open_envelope, seal
 from cluster.protocol.http import ServiceClient
 from cluster.protocol.identity import Clock, Hotkey, system_clock
-from cluster.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime, ImageUnavailable
-from cluster.protocol.images import GpuUnsupported, ImagePullFailed
-from cluster.miner.uploads import UploadError, upload_outputs
-from cluster.miner.volumes import VolumeError, VolumeLimits, prepare_volumes
+from cluster.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime
+from cluster.miner.uploads import upload_outputs
+from cluster.miner.volumes import VolumeLimits, prepare_volumes
 from cluster.protocol.messages import SpecGrant, StatusReport, Ticket, TicketFetch
 from cluster.settings import ExecutorClass
-from cluster.errors import EngineError, Refused, ServiceUnavailable, SignatureRejected, TicketRefused
+from cluster.errors import (
+    EngineError, GpuUnsupported, ImagePullFailed, ImageUnavailable, Refused, ServiceUnavailable, SignatureRejected,
+    TicketRefused, UploadError, VolumeError,
+)
 from cluster.protocol.jobs import Failure, FailureKind, JobResult, JobSpec, JobStatus
 
 log = logging.getLogger("rayhorde.agent")

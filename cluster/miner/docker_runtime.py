@@ -1,6 +1,11 @@
-"""Container runtime on a Docker engine via docker-py (DESIGN §1 point 4, §3).
+"""Container runtime on a Docker engine via docker-py.
 
-Images (issue 3): :meth:`DockerRuntime.pull` is the image-pull stage, with its own limit. An image
+Every job container is confined: no network, a read-only root, the unprivileged user the miner
+configures, memory (without swap), CPU and PID limits, all capabilities dropped, no new
+privileges, and only its artifacts, ``/output`` and (read-only) ``/volume`` directories mounted
+from the host.
+
+Images: :meth:`DockerRuntime.pull` is the image-pull stage, with its own limit. An image
 named by tag is pulled only when absent; one named by digest is pulled when absent and its
 ``RepoDigests`` must then record that digest. GPU runs (``ContainerRun.gpus > 0``) go through
 docker's ``device_requests`` and only after :func:`check_gpu_support` passes.
@@ -20,19 +25,16 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
-from cluster.protocol.images import (
-    GpuUnsupported, ImagePullFailed, InvalidImageReference, Reference, check_gpu_support, digest_matches,
-    parse_reference,
-)
-from cluster.miner.runtime import ContainerOutcome, ContainerRun, ContainerRuntime, ImageUnavailable, RuntimeFeature
-from cluster.errors import EngineError
+from cluster.errors import EngineError, GpuUnsupported, ImagePullFailed, ImageUnavailable, InvalidImageReference
+from cluster.miner.gpu import check_gpu_support
+from cluster.miner.runtime import REQUIRED, ContainerOutcome, ContainerRun, ContainerRuntime, RuntimeFeature
+from cluster.protocol.images import Reference, digest_matches, parse_reference
 
 PULL_THREAD_PREFIX = "rayhorde-pull"
 
 
 class DockerRuntime(ContainerRuntime):
-    features = (RuntimeFeature.NO_NETWORK | RuntimeFeature.READ_ONLY_ROOT | RuntimeFeature.MEMORY_LIMIT
-                | RuntimeFeature.CPU_LIMIT | RuntimeFeature.PIDS_LIMIT | RuntimeFeature.DROP_CAPABILITIES)
+    features = REQUIRED  # every confinement a job container needs
     # RuntimeFeature.GPU is added per instance in __init__ when the NVIDIA toolkit check passes.
 
     def __init__(self, base_url: str) -> None:
@@ -87,9 +89,7 @@ class DockerRuntime(ContainerRuntime):
     def _inspect(self, name: str) -> dict[str, Any] | None:
         try:
             return self.client.api.inspect_image(name)
-        except docker.errors.ImageNotFound:
-            return None
-        except docker.errors.NotFound:
+        except docker.errors.NotFound:  # ImageNotFound included
             return None
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
             raise EngineError(f"container engine at {self.base_url} failed to inspect image {name}: {exc}") from exc
@@ -104,10 +104,7 @@ class DockerRuntime(ContainerRuntime):
         gpu: dict[str, Any] = {}
         if run.gpus > 0:
             check_gpu_support()  # GpuUnsupported before anything is created
-            ids = getattr(run, "gpu_device_ids", None)  # exclusive devices per executor, once ContainerRun has them
-            request = (docker.types.DeviceRequest(device_ids=[str(i) for i in ids], capabilities=[["gpu"]]) if ids
-                       else docker.types.DeviceRequest(count=run.gpus, capabilities=[["gpu"]]))
-            gpu["device_requests"] = [request]
+            gpu["device_requests"] = [docker.types.DeviceRequest(count=run.gpus, capabilities=[["gpu"]])]
         try:
             self.client.images.get(run.image)
         except docker.errors.ImageNotFound as exc:
@@ -143,7 +140,7 @@ class DockerRuntime(ContainerRuntime):
                     exit_code = int(container.wait(timeout=remaining)["StatusCode"])
                     break
                 except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-                    # over a unix socket a wait timeout surfaces as ConnectionError (DESIGN §3);
+                    # over a unix socket docker-py reports a wait timeout as a ConnectionError, not a ReadTimeout;
                     # the loop re-checks the clock, so a real connection fault ends at the deadline too
                     continue
             if timed_out:

@@ -1,5 +1,6 @@
 """The agent's executor API: an HTTP server on a local unix socket that Ray tasks on this node
-poke with a ticket id and attempt (nothing else crosses the fabric, DESIGN §1).
+poke with a ticket id and attempt: the Ray fabric is untrusted and visible to every member, so
+nothing else crosses it; the agent fetches the spec from validator-core itself.
 
 Any process on the node can poke; that is harmless, because the agent runs only tickets that
 validator-core hands to THIS miner's signed fetch and that pass :meth:`AgentCore.verify`.
@@ -8,17 +9,17 @@ validator-core hands to THIS miner's signed fetch and that pass :meth:`AgentCore
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from cluster.miner.agent import AgentCore
+from cluster.miner.serving import BackgroundServer
 from cluster.errors import ExternalError, Refused
+from cluster.protocol.http import error_body
 
 log = logging.getLogger("rayhorde.agent")
 
@@ -33,7 +34,7 @@ def build_executor_app(core: AgentCore) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"ok": False, "reason": "malformed", "message": str(exc.errors()[:3])}, status_code=422)
+        return JSONResponse(error_body("malformed", str(exc.errors()[:3])), status_code=422)
 
     @app.post("/v1/run")
     def run(poke: Poke) -> JSONResponse:
@@ -42,10 +43,10 @@ def build_executor_app(core: AgentCore) -> FastAPI:
             return JSONResponse({"ok": True, "ticket_id": poke.ticket_id, "status": status.value})
         except Refused as exc:
             log.warning("ticket %s refused: %s", poke.ticket_id, exc)
-            return JSONResponse({"ok": False, "reason": exc.reason, "message": exc.message}, status_code=409)
+            return JSONResponse(error_body(exc.reason, exc.message), status_code=409)
         except ExternalError as exc:
             log.exception("ticket %s failed", poke.ticket_id)
-            return JSONResponse({"ok": False, "reason": "agent_error", "message": str(exc)}, status_code=500)
+            return JSONResponse(error_body("agent_error", str(exc)), status_code=500)
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -54,25 +55,9 @@ def build_executor_app(core: AgentCore) -> FastAPI:
     return app
 
 
-class ExecutorServer:
-    """uvicorn on a unix socket, in a background thread."""
+class ExecutorServer(BackgroundServer):
+    """The executor API on a unix socket, in a background thread."""
 
     def __init__(self, core: AgentCore, socket_path: str) -> None:
-        config = uvicorn.Config(build_executor_app(core), uds=socket_path, log_level="warning", access_log=False,
-                                limit_concurrency=256)
-        self.server = uvicorn.Server(config)
-        self.server.install_signal_handlers = lambda: None  # the agent owns signals
-        self.thread = threading.Thread(target=self.server.run, name="executor-api", daemon=True)
-
-    def start(self, timeout_s: float = 15) -> None:
-        self.thread.start()
-        waited = 0.0
-        while not self.server.started:
-            if not self.thread.is_alive() or waited > timeout_s:
-                raise RuntimeError("executor API did not start")
-            threading.Event().wait(0.05)
-            waited += 0.05
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(build_executor_app(core), name=f"executor API on {socket_path}", uds=socket_path,
+                         limit_concurrency=256)

@@ -21,7 +21,8 @@ from pathlib import Path
 from cluster.fabric import ray_node
 from cluster.protocol.envelope import seal
 from cluster.protocol.http import ServiceClient
-from cluster.devstack.local_stack import find_free_port_base
+from cluster.fabric.ports import find_free_port_base
+from cluster.fabric.processes import command_line
 from cluster.protocol.identity import Hotkey, load_or_create_wallet
 from cluster.miner.agent import AgentCore
 from cluster.miner.docker_runtime import DockerRuntime
@@ -64,12 +65,7 @@ def _stop_orphaned_node(node_file: Path) -> None:
         pid = int(json.loads(node_file.read_text())["pid"])
     except (OSError, ValueError, KeyError):
         return
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            ours = b"cluster.fabric.ray_node" in fh.read()  # the PID may have been reused
-    except OSError:
-        ours = False
-    if ours:
+    if ray_node.__name__ in command_line(pid):  # else the PID was reused by another program
         log.warning("stopping the Ray node (pid %d) a previous agent left behind", pid)
         ray_node.stop_process(pid)
     node_file.unlink(missing_ok=True)
@@ -155,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             if proc.poll() is not None:
                 # Our Ray node died under us (any cluster member can kill another's processes):
                 # its tasks are gone, so its containers go too, and validator-core re-tickets
-                # their jobs as a fabric incident; then the node rejoins (DESIGN §1 point 8, §2).
+                # their jobs as a fabric incident (the miner is not charged: any cluster member can
+                # kill another's workers); then the node rejoins.
                 core.node_epoch += 1
                 keeper.node_lost()  # open streams end now, with an error
                 lost = sorted(core.running)

@@ -1,4 +1,5 @@
-"""The miner proxy: the only public door to a miner's streaming jobs (DESIGN §1 point 5, §2).
+"""The miner proxy: the only public door to a miner's streaming jobs (each node's Serve proxy
+binds to loopback), and where every answer gets its receipt.
 
 For every request it checks the client envelope (its own nonce store: a replay is refused here
 before it costs the job anything), forwards the exact bytes to the job's route on the local
@@ -36,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cluster.protocol.envelope import SignedEnvelope, open_envelope
+from cluster.protocol.http import error_body
 from cluster.protocol.identity import Hotkey
 from cluster.protocol.messages import ReceiptsPull
 from cluster.errors import Refused
@@ -284,11 +286,10 @@ class MinerProxy:
 
 
 def _error(reason: str, message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"reason": reason, "message": message}}, status)
+    return JSONResponse(error_body(reason, message), status)
 
 
 def _error_event(reason: str, message: str) -> bytes:
     """Ends a broken stream: a comment for people, then an error event the ``openai`` client raises
     on (it reads ``data: {"error": {"message", ...}}`` as an API error). No receipt follows."""
-    err = {"error": {"reason": reason, "type": reason, "message": message}}
-    return f": error {message}\n\ndata: {json.dumps(err)}\n\n".encode()
+    return f": error {message}\n\ndata: {json.dumps(error_body(reason, message, type=reason))}\n\n".encode()

@@ -25,7 +25,8 @@ class RuntimeFeature(enum.Flag):
 
 REQUIRED = (RuntimeFeature.NO_NETWORK | RuntimeFeature.READ_ONLY_ROOT | RuntimeFeature.MEMORY_LIMIT
             | RuntimeFeature.CPU_LIMIT | RuntimeFeature.PIDS_LIMIT | RuntimeFeature.DROP_CAPABILITIES)
-"""DESIGN §1 point 4: every organic container gets all of these."""
+"""Every organic (untrusted) job container is confined in all of these ways; a runtime that cannot do one of
+them is refused."""
 
 
 class ContainerRun(BaseModel):
@@ -57,10 +58,6 @@ class ContainerOutcome(BaseModel):
     stderr_truncated: bool = False
     started_ns: int = 0
     finished_ns: int = 0
-
-
-class ImageUnavailable(Exception):
-    """The image is not present and could not be pulled."""
 
 
 class ContainerRuntime(abc.ABC):

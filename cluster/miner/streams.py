@@ -7,8 +7,8 @@ keeper asks the app, over the node's loopback Serve proxy, for its job key (``GE
 signs readiness {job_id, job_key, proxy_url} with the miner hotkey and posts it. A stream missing
 from the answer is over (terminated, time limit, failed): its route closes and its open streams
 end with an error. When the agent's Ray node dies every route closes at once, which is what
-bounds how long a client can wait on a dead job (DESIGN §1 point 8: the node death itself is
-reported as a fabric incident by ``main``).
+bounds how long a client can wait on a dead job (``main`` reports the node death itself to
+validator-core as a fabric incident, not the miner's fault).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 
 import httpx
-import uvicorn
 
 from cluster.protocol.envelope import seal
 from cluster.protocol.http import ServiceClient
 from cluster.protocol.identity import Hotkey
 from cluster.miner.proxy import JobRoute, MinerProxy
+from cluster.miner.serving import BackgroundServer
 from cluster.errors import Refused, ServiceUnavailable
 from cluster.protocol.keys import PublicKey
 from cluster.protocol.streams import READY_KIND, StreamAssignment, StreamReady
@@ -48,24 +48,17 @@ class StreamKeeper:
                                 volume_max_bytes=volume_max_bytes)
         self.known: dict[str, StreamAssignment] = {}
         self._lock = threading.Lock()
-        self._server = uvicorn.Server(uvicorn.Config(self.proxy.app, host="127.0.0.1", port=proxy_port,
-                                                     log_level="warning", access_log=False))
-        self._thread = threading.Thread(target=self._server.run, name="miner-proxy", daemon=True)
+        self._server = BackgroundServer(self.proxy.app, name=f"the miner proxy on {proxy_url}", host="127.0.0.1",
+                                        port=proxy_port)
 
     def start(self, timeout_s: float = 15) -> None:
         self.volumes_dir.mkdir(parents=True, exist_ok=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the miner proxy did not start on {self.proxy_url}")
-            time.sleep(0.02)
+        self._server.start(timeout_s)
         log.info("streaming proxy on %s", self.proxy_url)
 
     def stop(self) -> None:
         self.proxy.end_all("the miner agent is stopping")
-        self._server.should_exit = True
-        self._thread.join(10)
+        self._server.stop()
 
     def update(self, assignments: list[dict]) -> None:
         """Follow the streams validator-core says run here (from a heartbeat answer)."""

@@ -1,5 +1,6 @@
 """The upload stage of an organic job: send files under ``/output`` to the URLs the user
-presigned, and return what each target answered (DESIGN §5).
+presigned (HTTP PUT or POST per file, or one zip of all of ``/output``), and return what each
+target answered.
 
 Why it looks the way it does:
 
@@ -15,7 +16,8 @@ Why it looks the way it does:
   4xx (expired or wrongly signed URL) will not get better and fails at once, quoting the
   target's error body so the user can see S3's reason;
 * a URL (or redirect) resolving to a loopback, private or link-local address is refused unless
-  ``allow_private_networks`` is set: a job must not make the miner POST to its own services;
+  ``allow_private_networks`` is set (:mod:`cluster.miner.fetch`): a job must not make the miner
+  POST to its own services;
 * the target's answer (status, headers, body up to ``body_cap_bytes``) is returned so the user
   gets e.g. the ETag S3 assigned; URLs are redacted in messages (their query is a signature).
 """
@@ -34,30 +36,11 @@ from typing import BinaryIO, Callable, Sequence
 
 import httpx
 
-from cluster.miner.volumes import PrivateAddress, refuse_private_addresses
+from cluster.errors import TransferStopped, UploadError
+from cluster.miner.fetch import CHUNK, RETRY_STATUSES, Retry, Stage, http_client
 from cluster.protocol.job_io import ZIP_RESPONSE_PATH, PostUpload, PutUpload, UploadResponse, ZipUpload, redact_url
 
 AnyUpload = PutUpload | PostUpload | ZipUpload
-REASONS = ("upload_failed", "timeout", "cancelled", "superseded", "miner_io_error")
-"""``miner_io_error`` (the miner could not write the zip) is the miner's fault; the rest are the job's."""
-RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
-_CHUNK = 1 << 16
-
-
-class UploadError(Exception):
-    """An upload failed. ``reason`` is one of :data:`REASONS`; ``message`` names the file, the
-    target (redacted), the cause and the fix."""
-
-    def __init__(self, reason: str, message: str, *, status_code: int | None = None) -> None:
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-        self.status_code = status_code
-
-
-class _Retryable(Exception):
-    pass
 
 
 def open_output_file(output_dir: Path, rel: str) -> BinaryIO:
@@ -115,7 +98,7 @@ def zip_output_dir(output_dir: Path, dest: Path) -> int:
                     info.external_attr = (stat.S_IFREG | 0o644) << 16
                     info.file_size = st.st_size
                     with zf.open(info, "w", force_zip64=st.st_size > 0x7FFFFFFF) as out:
-                        while chunk := src.read(_CHUNK):
+                        while chunk := src.read(CHUNK):
                             out.write(chunk)
                 count += 1
     return count
@@ -129,17 +112,17 @@ def upload_outputs(uploads: Sequence[AnyUpload], output_dir: Path, *, retries: i
                    ) -> list[UploadResponse]:
     """Send every upload (a few at a time); return the targets' answers in ``uploads`` order.
 
-    Raises :class:`UploadError` for the first upload that fails after its retries (the others
-    are stopped). ``still_current`` is asked once before anything is sent (a superseded attempt
-    must not upload); ``scratch_dir`` holds the whole-output zip (default: the system temp dir,
-    never ``output_dir``, which is size-capped and would contain its own zip).
+    Raises :class:`UploadError` (its ``reason`` one of ``UploadError.REASONS``; its message names
+    the file, the target (redacted), the cause and the fix) for the first upload that fails
+    after its retries (the others are stopped). ``still_current`` is asked once before anything
+    is sent (a superseded attempt must not upload); ``scratch_dir`` holds the whole-output zip
+    (default: the system temp dir, never ``output_dir``, which is size-capped and would contain
+    its own zip).
     """
     if not uploads:
         return []
     if still_current is not None and not still_current():
         raise UploadError("superseded", "this attempt of the job was superseded; its outputs are not uploaded")
-    deadline = None if deadline_s is None else clock() + deadline_s
-    stop = threading.Event()
     sources: list[BinaryIO | None] = []
     with tempfile.TemporaryDirectory(prefix="rayhorde-upload-", dir=scratch_dir) as scratch:
         try:
@@ -151,22 +134,22 @@ def upload_outputs(uploads: Sequence[AnyUpload], output_dir: Path, *, retries: i
                     zip_output_dir(output_dir, zip_path)
                 except OSError as exc:
                     raise UploadError("miner_io_error", f"the miner could not zip /output ({exc})") from None
-            hooks = {} if allow_private_networks else {"request": [refuse_private_addresses]}
-            with httpx.Client(follow_redirects=False, timeout=timeout_s, event_hooks=hooks,
-                              headers={"User-Agent": "rayhorde-miner"}) as client, \
+            with http_client(allow_private_networks=allow_private_networks, timeout_s=timeout_s,
+                             follow_redirects=False) as client, \
                     ThreadPoolExecutor(max_parallel, thread_name_prefix="upload") as pool:
-                ctx = _Ctx(client, retries, backoff_s, timeout_s, body_cap_bytes, deadline, cancel, stop, clock)
+                ctx = _Ctx(client, body_cap_bytes, retries=retries, backoff_s=backoff_s, timeout_s=timeout_s,
+                           deadline_s=deadline_s, cancel=cancel, clock=clock)
                 futures = [pool.submit(ctx.guarded, u, src, zip_path) for u, src in zip(uploads, sources)]
                 results, errors = [], []
                 for future in futures:
                     try:
                         results.append(future.result())
                     except Exception as exc:  # noqa: BLE001 - re-raised below, first one wins
-                        stop.set()
+                        ctx.stop.set()
                         errors.append(exc)
                 if errors:
-                    first = next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
-                    raise first
+                    first = next((e for e in errors if not isinstance(e, TransferStopped)), None)
+                    raise first or UploadError("upload_failed", "stopped because another upload failed")
                 return results
         finally:
             for src in sources:
@@ -174,26 +157,20 @@ def upload_outputs(uploads: Sequence[AnyUpload], output_dir: Path, *, retries: i
                     src.close()
 
 
-class _Stopped(UploadError):
-    def __init__(self) -> None:
-        super().__init__("upload_failed", "stopped because another upload failed")
+class _Ctx(Stage):
+    """The uploads of one :func:`upload_outputs` call: their client, retry policy and deadline."""
 
-
-class _Ctx:
-    def __init__(self, client: httpx.Client, retries: int, backoff_s: float, timeout_s: float, body_cap: int,
-                 deadline: float | None, cancel: threading.Event | None, stop: threading.Event,
-                 clock: Callable[[], float]) -> None:
-        self.client, self.retries, self.backoff_s, self.timeout_s = client, retries, backoff_s, timeout_s
-        self.body_cap, self.deadline, self.cancel, self.stop, self.clock = body_cap, deadline, cancel, stop, clock
+    def __init__(self, client: httpx.Client, body_cap: int, **stage) -> None:
+        super().__init__(**stage)
+        self.client, self.body_cap = client, body_cap
 
     def alive(self, what: str) -> None:
-        if self.cancel is not None and self.cancel.is_set():
+        halt = self.halted()
+        if halt == "cancelled":
             raise UploadError("cancelled", f"upload of {what}: the job was cancelled")
-        if self.deadline is not None and self.clock() > self.deadline:
+        if halt == "timeout":
             raise UploadError("timeout", f"upload of {what} ran past the upload stage's time limit; upload less "
                               "or ask for a longer upload limit")
-        if self.stop.is_set():
-            raise _Stopped()
 
     def guarded(self, up: AnyUpload, src: BinaryIO | None, zip_path: Path) -> UploadResponse:
         try:
@@ -206,48 +183,41 @@ class _Ctx:
         is_zip = isinstance(up, ZipUpload)
         what = "the /output zip" if is_zip else f"/output/{up.path}"
         shown = redact_url(up.url)
-        failures, last = 0, ""
         with (open(zip_path, "rb") if is_zip else src) as body:
             size = os.fstat(body.fileno()).st_size
-            while True:
-                self.alive(what)
+
+            def attempt() -> UploadResponse | Retry:
                 body.seek(0)
-                timeout = self.timeout_s if self.deadline is None else max(
-                    0.001, min(self.timeout_s, self.deadline - self.clock()))
-                headers = dict(up.headers)
+                headers, timeout = dict(up.headers), self.timeout()
                 if isinstance(up, PutUpload) or (is_zip and up.method == "PUT"):
                     request = self.client.build_request("PUT", up.url, content=body, headers=headers, timeout=timeout)
                 else:
                     filename = up.filename if is_zip else up.path.rsplit("/", 1)[-1]
                     request = self.client.build_request("POST", up.url, data=up.form_fields, headers=headers,
                                                         files={"file": (filename, body)}, timeout=timeout)
+                resp = self.client.send(request, stream=True)
                 try:
-                    resp = self.client.send(request, stream=True)
-                    try:
-                        text, truncated = self._read_capped(resp)
-                    finally:
-                        resp.close()
-                    code = resp.status_code
-                    if code in RETRY_STATUSES:
-                        raise _Retryable(f"HTTP {code}: {text[:200]}")
-                    if not 200 <= code < 300:
-                        raise UploadError("upload_failed", f"upload of {what} to {shown} answered HTTP {code}: "
-                                          f"{text[:500]!r}; check that the URL is presigned for {request.method}, "
-                                          "unexpired, and that headers/form fields match what was signed",
-                                          status_code=code)
-                    return UploadResponse(path=ZIP_RESPONSE_PATH if is_zip else up.path, status_code=code,
-                                          headers=dict(resp.headers.items()), body=text, body_truncated=truncated,
-                                          bytes_sent=size)
-                except (_Retryable, httpx.TransportError) as exc:
-                    last = str(exc) or type(exc).__name__
-                except PrivateAddress as exc:
-                    raise UploadError("upload_failed", f"upload of {what}: {exc}") from None
-                failures += 1
-                if failures > self.retries:
-                    raise UploadError("upload_failed", f"upload of {what} to {shown} failed after {failures} tries "
-                                      f"({last}); check that the target is up and reachable from miners")
-                if self.stop.wait(self.backoff_s * 2 ** (failures - 1)):
-                    raise _Stopped()
+                    text, truncated = self._read_capped(resp)
+                finally:
+                    resp.close()
+                code = resp.status_code
+                if code in RETRY_STATUSES:
+                    return Retry(f"HTTP {code}: {text[:200]}")
+                if not 200 <= code < 300:
+                    raise UploadError("upload_failed", f"upload of {what} to {shown} answered HTTP {code}: "
+                                      f"{text[:500]!r}; check that the URL is presigned for {request.method}, "
+                                      "unexpired, and that headers/form fields match what was signed",
+                                      status_code=code)
+                return UploadResponse(path=ZIP_RESPONSE_PATH if is_zip else up.path, status_code=code,
+                                      headers=dict(resp.headers.items()), body=text, body_truncated=truncated,
+                                      bytes_sent=size)
+
+            return self.retry(
+                attempt, before=lambda: self.alive(what),
+                refused=lambda exc: UploadError("upload_failed", f"upload of {what}: {exc}"),
+                exhausted=lambda tries, last: UploadError(
+                    "upload_failed", f"upload of {what} to {shown} failed after {tries} tries ({last}); check that "
+                    "the target is up and reachable from miners"))
 
     def _read_capped(self, resp: httpx.Response) -> tuple[str, bool]:
         buf = bytearray()

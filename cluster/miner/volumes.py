@@ -1,5 +1,6 @@
 """The volumes stage of an organic job: fetch a job's inputs into a directory the agent then
-bind-mounts read-only at ``/volume`` (DESIGN §1 point 4, §5).
+bind-mounts read-only at ``/volume``. Volume types: inline zip (base64), HTTP single file, zip
+URL, Hugging Face repository (revision, ``allow_patterns``); several at once.
 
 Everything here handles bytes chosen by a stranger, on the miner's disk, so nothing a remote
 party *declares* is trusted on its own:
@@ -13,9 +14,8 @@ party *declares* is trusted on its own:
   files are created with ``O_EXCL | O_NOFOLLOW`` so nothing is ever written through a link;
   Hub file names get the same check as zip entries (a hostile Hub mirror is still hostile);
 * where: a URL (or a redirect) that resolves to a loopback, private or link-local address is
-  refused unless ``allow_private_networks`` is set, so a job cannot make the miner fetch from
-  its own services (the agent, the Ray dashboard, a cloud metadata endpoint) and mount the
-  answer into the container;
+  refused unless ``allow_private_networks`` is set (:mod:`cluster.miner.fetch`), so a job cannot
+  make the miner fetch from its own services and mount the answer into the container;
 * failure leaves nothing behind: downloads go to a staging directory next to ``root`` and
   everything under ``root`` is removed if any volume fails, so a half-prepared input never
   reaches a container.
@@ -31,12 +31,10 @@ revision/{revision}`` lists the files (``siblings``), then ``GET {endpoint}/[dat
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import json
 import os
 import re
 import shutil
-import socket
 import stat
 import tempfile
 import threading
@@ -50,30 +48,15 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.errors import TransferStopped, VolumeError
+from cluster.miner.fetch import CHUNK, RETRY_STATUSES, Retry, Stage, http_client
 from cluster.protocol.job_io import (HttpFileVolume, HuggingFaceVolume, InlineZipVolume, ZipUrlVolume,
                                      check_volume_layout, redact_url, safe_relative_path)
 
 AnyVolume = InlineZipVolume | HttpFileVolume | ZipUrlVolume | HuggingFaceVolume
-REASONS = ("download_failed", "volume_too_large", "unsafe_archive", "too_many_files", "invalid_volume", "timeout",
-           "cancelled", "miner_io_error")
-"""``miner_io_error`` (the miner's disk failed or filled up) is the miner's fault; the rest are the job's."""
-RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 _HF_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_CHUNK = 1 << 16
 _SHA = re.compile(r"^[0-9a-f]{40}$")
-
-
-class VolumeError(Exception):
-    """A volume could not be prepared. ``reason`` is one of :data:`REASONS`; ``message`` names the
-    volume, the cause and the fix."""
-
-    def __init__(self, reason: str, message: str, *, status_code: int | None = None) -> None:
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-        self.status_code = status_code  # the HTTP status that caused it, if any
 
 
 class VolumeLimits(BaseModel):
@@ -99,59 +82,29 @@ class PreparedVolume(BaseModel):
     downloaded_bytes: int = 0
 
 
-class PrivateAddress(Exception):
-    """A URL resolved to an address that is not globally routable."""
-
-
-def refuse_private_addresses(request: httpx.Request) -> None:
-    """httpx request hook (runs for redirects too): refuse non-global destinations.
-
-    A hostname is resolved here and again when connecting, so DNS rebinding can still slip
-    through; a firewall on the miner is the complete answer, this catches the plain case."""
-    host = request.url.host
-    try:
-        addrs = {info[4][0] for info in socket.getaddrinfo(host, request.url.port or 80, type=socket.SOCK_STREAM)}
-    except (socket.gaierror, UnicodeError):
-        return  # the connection attempt will fail with a clear error of its own
-    bad = sorted(a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_global)
-    if bad:
-        raise PrivateAddress(f"{redact_url(str(request.url))} resolves to {bad[0]}, which is not a public address; "
-                             "miners fetch and send only to public hosts")
-
-
-class _Aborted(Exception):
-    """Another download failed first; this one stops quietly."""
-
-
-class _Retryable(Exception):
-    pass
-
-
-class _Run:
+class _Run(Stage):
     """State shared by the workers of one :func:`prepare_volumes` call."""
 
-    def __init__(self, root: Path, staging: Path, limits: VolumeLimits, deadline: float | None,
+    def __init__(self, root: Path, staging: Path, limits: VolumeLimits, deadline_s: float | None,
                  cancel: threading.Event | None, clock: Callable[[], float]) -> None:
+        super().__init__(retries=limits.retries, backoff_s=limits.backoff_s, timeout_s=limits.timeout_s,
+                         deadline_s=deadline_s, cancel=cancel, clock=clock)
         self.root, self.staging, self.limits = root, staging, limits
-        self.deadline, self.cancel, self.clock = deadline, cancel, clock
         self.lock = threading.Lock()
-        self.abort = threading.Event()
         self.errors: list[Exception] = []
         self.downloaded = self.unpacked = self.files = 0
         self.stats: dict[str, PreparedVolume] = {}
-        hooks = {} if limits.allow_private_networks else {"request": [refuse_private_addresses]}
-        self.client = httpx.Client(follow_redirects=True, timeout=limits.timeout_s, event_hooks=hooks,
-                                   headers={"User-Agent": "rayhorde-miner", "Accept-Encoding": "identity"})
+        self.client = http_client(allow_private_networks=limits.allow_private_networks, timeout_s=limits.timeout_s,
+                                  follow_redirects=True, headers={"Accept-Encoding": "identity"})
 
     # ------------------------------------------------------------------ budget and liveness
     def alive(self, vol: AnyVolume) -> None:
-        if self.cancel is not None and self.cancel.is_set():
+        halt = self.halted()
+        if halt == "cancelled":
             raise VolumeError("cancelled", f"volume {vol.path!r}: the job was cancelled while its volumes downloaded")
-        if self.deadline is not None and self.clock() > self.deadline:
+        if halt == "timeout":
             raise VolumeError("timeout", f"volume {vol.path!r}: the download stage ran past its time limit; use "
                               "smaller inputs or ask for a longer download limit")
-        if self.abort.is_set():
-            raise _Aborted()
 
     def count(self, vol: AnyVolume, *, downloaded: int = 0, unpacked: int = 0, files: int = 0,
               declared: bool = False) -> None:
@@ -175,65 +128,57 @@ class _Run:
                 st.unpacked_bytes += unpacked
                 st.files += files
 
-    def timeout(self) -> float:
-        if self.deadline is None:
-            return self.limits.timeout_s
-        return max(0.001, min(self.limits.timeout_s, self.deadline - self.clock()))
-
     # ------------------------------------------------------------------ HTTP
     def download(self, vol: AnyVolume, url: str, dest: Path, headers: dict[str, str] | None = None) -> int:
         """GET ``url`` into ``dest`` with caps, retries and resume; return the file's size."""
         shown = redact_url(url)
-        have, validator, failures, last = 0, None, 0, ""
+        have, validator = 0, None
         dest.unlink(missing_ok=True)
-        while True:
-            self.alive(vol)
+
+        def attempt() -> int | Retry:
+            nonlocal have, validator
             req = dict(headers or {})
             if have:
                 req["Range"] = f"bytes={have}-"
                 if validator:
                     req["If-Range"] = validator
-            try:
-                with self.client.stream("GET", url, headers=req, timeout=self.timeout()) as resp:
-                    code = resp.status_code
-                    if code in RETRY_STATUSES:
-                        raise _Retryable(f"HTTP {code}")
-                    if code == 416 and have:
-                        start, total = -1, None  # our range is stale: start over
-                    elif code not in (200, 206):
-                        raise VolumeError("download_failed", f"volume {vol.path!r}: {shown} answered HTTP {code}"
-                                          f"{_hint(code)}", status_code=code)
-                    else:
-                        start, total = _span(resp, have)
-                    if start != have:  # a full body (200), or a range we did not ask for: start over
-                        self.count(vol, downloaded=-have)
-                        have, validator = 0, None
-                        if start != 0:
-                            raise _Retryable(f"HTTP {code} with an unusable range; restarting from byte 0")
-                    if validator is None or start == 0:
-                        etag = resp.headers.get("ETag", "")
-                        validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
-                    if total is not None:
-                        self.count(vol, downloaded=total - have, declared=True)
-                    with open(dest, "ab" if have else "wb") as out:
-                        for chunk in resp.iter_bytes(_CHUNK):
-                            self.alive(vol)
-                            self.count(vol, downloaded=len(chunk))
-                            out.write(chunk)
-                            have += len(chunk)
-                    if total is not None and have < total:
-                        raise _Retryable(f"body ended after {have} of {total} bytes")
-                    return have
-            except (_Retryable, httpx.TransportError) as exc:
-                last = str(exc) or type(exc).__name__
-            except PrivateAddress as exc:
-                raise VolumeError("download_failed", f"volume {vol.path!r}: {exc}") from None
-            failures += 1
-            if failures > self.limits.retries:
-                raise VolumeError("download_failed", f"volume {vol.path!r}: {shown} failed after {failures} tries "
-                                  f"({last}); check that the server is up and the URL is reachable from miners")
-            if self.abort.wait(self.limits.backoff_s * 2 ** (failures - 1)):
-                raise _Aborted()
+            with self.client.stream("GET", url, headers=req, timeout=self.timeout()) as resp:
+                code = resp.status_code
+                if code in RETRY_STATUSES:
+                    return Retry(f"HTTP {code}")
+                if code == 416 and have:
+                    start, total = -1, None  # our range is stale: start over
+                elif code not in (200, 206):
+                    raise VolumeError("download_failed", f"volume {vol.path!r}: {shown} answered HTTP {code}"
+                                      f"{_hint(code)}", status_code=code)
+                else:
+                    start, total = _span(resp, have)
+                if start != have:  # a full body (200), or a range we did not ask for: start over
+                    self.count(vol, downloaded=-have)
+                    have, validator = 0, None
+                    if start != 0:
+                        return Retry(f"HTTP {code} with an unusable range; restarting from byte 0")
+                if validator is None or start == 0:
+                    etag = resp.headers.get("ETag", "")
+                    validator = etag if etag and not etag.startswith("W/") else resp.headers.get("Last-Modified")
+                if total is not None:
+                    self.count(vol, downloaded=total - have, declared=True)
+                with open(dest, "ab" if have else "wb") as out:
+                    for chunk in resp.iter_bytes(CHUNK):
+                        self.alive(vol)
+                        self.count(vol, downloaded=len(chunk))
+                        out.write(chunk)
+                        have += len(chunk)
+                if total is not None and have < total:
+                    return Retry(f"body ended after {have} of {total} bytes")
+                return have
+
+        return self.retry(
+            attempt, before=lambda: self.alive(vol),
+            refused=lambda exc: VolumeError("download_failed", f"volume {vol.path!r}: {exc}"),
+            exhausted=lambda tries, last: VolumeError(
+                "download_failed", f"volume {vol.path!r}: {shown} failed after {tries} tries ({last}); check that "
+                "the server is up and the URL is reachable from miners"))
 
     def get_json(self, vol: AnyVolume, url: str, headers: dict[str, str], what: str) -> object:
         """A JSON document, fetched like any download (caps, retries), then not counted as input."""
@@ -302,7 +247,7 @@ class _Run:
         try:
             with os.fdopen(fd, "wb") as out, zf.open(info) as src:
                 os.fchmod(out.fileno(), 0o644)
-                while chunk := src.read(_CHUNK):
+                while chunk := src.read(CHUNK):
                     self.alive(vol)
                     written += len(chunk)
                     if written > info.file_size:
@@ -430,7 +375,7 @@ def prepare_volumes(volumes: Sequence[AnyVolume], root: Path, *, limits: VolumeL
     root.mkdir(mode=0o755, parents=True, exist_ok=True)
     os.chmod(root, 0o755)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
-    run = _Run(root, staging, limits, None if deadline_s is None else clock() + deadline_s, cancel, clock)
+    run = _Run(root, staging, limits, deadline_s, cancel, clock)
     run.stats = {v.path: PreparedVolume(path=v.path, type=v.type) for v in volumes}
     try:
         with ThreadPoolExecutor(limits.max_parallel, thread_name_prefix="volume") as pool:
@@ -449,7 +394,7 @@ def prepare_volumes(volumes: Sequence[AnyVolume], root: Path, *, limits: VolumeL
             raise run.errors[0]
         return [run.stats[v.path] for v in volumes]
     except BaseException:
-        run.abort.set()
+        run.stop.set()
         _empty(root, remove=created)
         if run.errors:
             raise run.errors[0] from None
@@ -464,14 +409,14 @@ def _guard(run: _Run, fn: Callable, *args):
     disk, or a bug) and stop the other workers."""
     try:
         return fn(*args)
-    except _Aborted:
+    except TransferStopped:
         return []
     except Exception as exc:
         if isinstance(exc, OSError):
             exc = VolumeError("miner_io_error", f"the miner could not write a volume ({exc})")
         with run.lock:
             run.errors.append(exc)
-        run.abort.set()
+        run.stop.set()
         return []
 
 

@@ -1,4 +1,4 @@
-"""The one canonical serialisation of anything signed (DESIGN §6).
+"""The one canonical serialisation of anything signed.
 
 JSON, UTF-8, keys sorted, no insignificant whitespace, integers for times (Unix ns), lowercase
 hex for hashes. Signatures are over these exact bytes, so two implementations that follow

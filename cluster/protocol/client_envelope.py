@@ -1,4 +1,4 @@
-"""The client request envelope (DESIGN §6): what a streaming request's signature covers.
+"""The client request envelope: what a streaming request's signature covers.
 
     envelope = {v, job_id, method, path, body_sha256, t, nonce, client_key: {scheme, public}}
 
@@ -19,17 +19,13 @@ from typing import Callable, Generator, Iterable, Protocol
 import httpx
 from pydantic import BaseModel, Field, ValidationError
 
+from cluster.errors import RequestRefused
 from cluster.protocol.canonical import canonical_bytes
-from cluster.errors import Refused
 from cluster.protocol.keys import PublicKey, SigningKey
 
 ENVELOPE_VERSION = 1
 REQUEST_HEADER = "X-Rayhorde-Request"
 SIGNATURE_HEADER = "X-Rayhorde-Signature"
-
-
-class RequestRefused(Refused):
-    """A streaming request was refused at the proxy or the job (``reason`` says why)."""
 
 
 class RequestEnvelope(BaseModel):

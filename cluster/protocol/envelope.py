@@ -1,4 +1,4 @@
-"""The one signed envelope every rayhorde message uses (DESIGN §6).
+"""The one signed envelope every rayhorde message uses (tickets, admission, heartbeats, results...).
 
 An envelope is ``{v, kind, payload, signer, t, nonce}`` serialised canonically and signed by
 ``signer``; ``sig`` travels beside it. Receivers call :func:`open_envelope` once, at their

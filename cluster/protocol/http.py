@@ -1,5 +1,12 @@
-"""HTTP client helpers shared by agents, users and the CLI: one place that turns an error
-answer ``{"error": {"reason", "message"}}`` into the matching rayhorde exception."""
+"""The one error shape of every rayhorde HTTP door, written and read here.
+
+Every door (validator-core, the miner proxy, the whitelisted apps) answers an error as
+``{"error": {"reason": <stable code>, "message": <cause and fix>}}``, built by :func:`error_body`;
+a door may add keys beside those two (the LLM app adds OpenAI's ``type``, ``param`` and
+``code``, which the official ``openai`` client reads). :func:`raise_for_error` turns such an
+answer back into the matching rayhorde exception; :class:`ServiceClient` is the small JSON
+client agents, users and the CLI share.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,9 @@ from typing import Any
 import httpx
 
 from cluster.protocol.envelope import SignedEnvelope
-from cluster.protocol.images import ImageDenied
 from cluster.errors import (
-    AdmissionRefused, AppRefused, CapabilityRefused, InvalidSpec, Refused, ServiceUnavailable, SignatureRejected, TicketRefused,
+    AdmissionRefused, AppRefused, CapabilityRefused, ImageDenied, InvalidSpec, Refused, RequestRefused,
+    ServiceUnavailable, SignatureRejected, TicketRefused,
 )
 
 _BY_REASON: dict[str, type[Refused]] = {
@@ -22,9 +29,17 @@ _BY_REASON: dict[str, type[Refused]] = {
     "unknown_ticket": TicketRefused, "wrong_miner": TicketRefused, "ticket_closed": TicketRefused,
     "invalid_signature": SignatureRejected, "replayed": SignatureRejected, "clock_skew": SignatureRejected,
     "unsigned": SignatureRejected, "wrong_signer": SignatureRejected, "malformed": Refused,
+    "wrong_job": RequestRefused, "wrong_target": RequestRefused, "body_mismatch": RequestRefused,
+    "unknown_client_key": RequestRefused,
     "image_denied": ImageDenied,
     "app_not_whitelisted": AppRefused, "weights_digest_mismatch": AppRefused,
 }
+
+
+def error_body(reason: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The JSON body of an error answer: ``reason`` a stable code, ``message`` the cause and the
+    fix, ``extra`` keys beside them."""
+    return {"error": {"reason": reason, "message": message, **extra}}
 
 
 def raise_for_error(resp: httpx.Response) -> None:

@@ -1,4 +1,4 @@
-"""Image references, the validator's image allow/deny policy, and the GPU toolkit check (issue 3).
+"""Image references and the validator's image allow/deny policy (both validator-core and miners use them).
 
 - :func:`parse_reference` splits ``[domain/]path[:tag][@sha256:<64 hex>]`` by Docker's reference
   grammar (distribution/reference) and refuses anything else with :class:`InvalidImageReference`.
@@ -6,67 +6,21 @@
   matches ``/``, ``:`` and ``@``) over the reference as written, its familiar form and its fully
   qualified form (``docker.io/library/busybox:latest``). A deny rule wins over an allow rule; an
   empty allow list allows every image that no deny rule names.
-- :func:`check_gpu_support` refuses GPU jobs unless the NVIDIA container toolkit is at least
-  1.17.8: older releases have known container escapes (CVE-2024-0132 fixed in 1.16.2,
-  CVE-2025-23359 in 1.17.4, CVE-2025-23266 "NVIDIAScape" in 1.17.8).
 
-The pull itself (digest check, limit, registry credentials) is ``DockerRuntime.pull``.
+The pull itself (digest check, limit, registry credentials) is ``DockerRuntime.pull`` on the miner;
+whether a miner may run GPU jobs at all is ``cluster.miner.gpu``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-import shutil
-import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import NamedTuple
 
-from cluster.miner.runtime import ImageUnavailable
-from cluster.errors import EngineError, ExternalError, InvalidSpec, Refused
+from cluster.errors import ImageDenied, InvalidImageReference
 
-MIN_TOOLKIT_VERSION = (1, 17, 8)
 DEFAULT_DOMAIN = "docker.io"
-
-
-# ------------------------------------------------------------------------------------ errors
-class InvalidImageReference(InvalidSpec):
-    """An image reference that Docker's grammar does not accept."""
-
-
-class ImageDenied(Refused):
-    """validator-core's image policy refuses this image (reason ``image_denied``)."""
-
-    def __init__(self, reason: str, message: str, *, status_code: int | None = 403) -> None:
-        super().__init__(reason, message, status_code=status_code)
-
-
-class ImagePullFailed(ImageUnavailable, ExternalError):
-    """The image could not be pulled or did not match its digest.
-
-    ``reason``: ``image_pull_failed`` | ``image_pull_timed_out`` | ``image_digest_mismatch``.
-    A subclass of :class:`ImageUnavailable`, so code that catches that still catches this.
-    """
-
-    stage = "image_pull"
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-
-class GpuUnsupported(EngineError):
-    """This miner cannot run GPU jobs safely.
-
-    ``reason``: ``gpu_toolkit_missing`` | ``gpu_toolkit_too_old``. An :class:`EngineError` (the
-    miner's setup, not the job, is at fault).
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
 
 
 # -------------------------------------------------------------------------------- references
@@ -220,76 +174,3 @@ class ImagePolicy:
         except (ImageDenied, InvalidImageReference):
             return False
         return True
-
-
-# ----------------------------------------------------------------------------- GPU toolkit
-class ToolkitVersion(NamedTuple):
-    major: int
-    minor: int
-    patch: int
-    pre: str = ""  # "rc.1" for 1.17.8-rc.1: a pre-release is older than its release
-
-    def at_least(self, minimum: tuple[int, ...]) -> bool:
-        base = (self.major, self.minor, self.patch)
-        want = tuple(minimum) + (0,) * (3 - len(minimum))
-        return base > want if self.pre else base >= want
-
-    def __str__(self) -> str:
-        return f"{self.major}.{self.minor}.{self.patch}" + (f"-{self.pre}" if self.pre else "")
-
-
-_VERSION = re.compile(r"version:?\s+v?(\d+)\.(\d+)\.(\d+)(?:[-~+]?((?:rc|alpha|beta|dev|pre)[\w.]*))?", re.I)
-
-# Each binary of the toolkit a docker `device_requests` run goes through; the oldest one found counts.
-TOOLKIT_PROBES = ("nvidia-ctk", "nvidia-container-toolkit", "nvidia-container-runtime-hook", "nvidia-container-cli")
-
-
-def parse_toolkit_version(text: str) -> ToolkitVersion | None:
-    """``NVIDIA Container Toolkit CLI version 1.17.8`` / ``cli-version: 1.17.8`` → (1, 17, 8)."""
-    m = _VERSION.search(text or "")
-    if m is None:
-        return None
-    return ToolkitVersion(int(m[1]), int(m[2]), int(m[3]), (m[4] or "").lower())
-
-
-def toolkit_versions() -> dict[str, ToolkitVersion | None]:
-    """``{path: version or None if unreadable}`` for each toolkit binary on PATH."""
-    found: dict[str, ToolkitVersion | None] = {}
-    for name in TOOLKIT_PROBES:
-        path = shutil.which(name)
-        if path is None or path in found:
-            continue
-        try:
-            proc = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10,
-                                  stdin=subprocess.DEVNULL)
-            found[path] = parse_toolkit_version(proc.stdout + "\n" + proc.stderr)
-        except (OSError, subprocess.SubprocessError):
-            found[path] = None
-    return found
-
-
-def nvidia_toolkit_version() -> ToolkitVersion | None:
-    """The oldest readable NVIDIA container toolkit version on PATH, or None if none is installed."""
-    versions = [v for v in toolkit_versions().values() if v is not None]
-    return min(versions, key=lambda v: ((v.major, v.minor, v.patch), 0 if v.pre else 1)) if versions else None
-
-
-def check_gpu_support(min_version: tuple[int, ...] = MIN_TOOLKIT_VERSION, *,
-                      probe: Callable[[], dict[str, ToolkitVersion | None]] = toolkit_versions) -> ToolkitVersion:
-    """Return the toolkit version, or raise :class:`GpuUnsupported` (missing / too old)."""
-    minimum = ".".join(map(str, min_version))
-    found = probe()
-    readable = {path: v for path, v in found.items() if v is not None}
-    if not readable:
-        where = (f"found {', '.join(found)} but could not read a version from it" if found
-                 else f"none of {', '.join(TOOLKIT_PROBES)} is on PATH")
-        raise GpuUnsupported("gpu_toolkit_missing", f"this miner cannot run GPU jobs: the NVIDIA container toolkit "
-                             f"is not installed ({where}); install nvidia-container-toolkit >= {minimum} and "
-                             "configure docker for it")
-    old = {path: v for path, v in readable.items() if not v.at_least(min_version)}
-    if old:
-        listed = ", ".join(f"{path} {v}" for path, v in old.items())
-        raise GpuUnsupported("gpu_toolkit_too_old", f"this miner refuses GPU jobs: NVIDIA container toolkit {listed} "
-                             f"is older than {minimum}, below which containers can escape to the host "
-                             f"(CVE-2025-23266 and earlier); upgrade nvidia-container-toolkit to >= {minimum}")
-    return min(readable.values(), key=lambda v: ((v.major, v.minor, v.patch), 0 if v.pre else 1))

@@ -1,4 +1,6 @@
-"""Input volumes and output uploads of an organic job (DESIGN §5), as strict pydantic models.
+"""Input volumes and output uploads of an organic job, as strict pydantic models (the types
+users of the peer compute market already know: inline zip, HTTP file, zip URL, Hugging Face
+repo; HTTP PUT / POST uploads and a whole-output zip).
 
 A job's inputs are mounted read-only under ``/volume/<path>``; its outputs under ``/output/``
 are sent to URLs the user presigned. These models travel user -> validator-core -> agent, so

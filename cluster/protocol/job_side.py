@@ -1,6 +1,7 @@
 """What every whitelisted streaming app does for its job, whatever it serves: hold the job key
-(generated inside the app, never leaving it), check each client envelope (DESIGN §6), and sign
-its half of each receipt (the miner proxy counter-signs).
+(generated inside the app, never leaving it), check each client envelope (the proxy checks it
+too: a call that skips the proxy is refused here), and sign its half of each receipt (the miner
+proxy counter-signs).
 
 The job's half travels to the proxy as ``X-Rayhorde-Job-Receipt: base64({"body", "job_sig"})``
 for buffered answers, or as a final SSE comment line ``: job-receipt <base64>``.

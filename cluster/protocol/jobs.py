@@ -2,7 +2,8 @@
 
 These cross trust boundaries (user -> validator-core -> agent -> validator-core -> user), so
 each is a strict pydantic model with units in field names; new fields get defaults. The
-vocabulary (statuses, failure reasons, stages) is the peer system's (DESIGN §5).
+vocabulary (statuses, failure reasons, stages, executor class names) is the one users of the
+peer compute market already know, kept so their specs and scripts carry over.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Streaming receipts (DESIGN §1 point 5, §6): what a client, a validator or anyone holding the
-bytes can check.
+"""Streaming receipts: what a client, a validator or anyone holding the bytes can check. Every
+streaming answer has one, signed by the job key (announced in the miner-signed readiness
+message) and counter-signed by the miner hotkey.
 
 Wire format (version 1), every object canonical JSON (keys sorted, no spaces, UTF-8, ints):
 
@@ -28,24 +29,15 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from cluster.errors import ReceiptInvalid
 from cluster.protocol.canonical import canonical_bytes
 from cluster.protocol.identity import Hotkey, verify_signature
-from cluster.errors import ExternalError
 from cluster.protocol.keys import PublicKey, SigningKey
 
 RECEIPT_VERSION = 1
 GENESIS = "0" * 64
 RECEIPT_HEADER = "X-Rayhorde-Receipt"  # buffered answers: base64 of the receipt JSON
 SSE_PREFIX = b": receipt "  # streamed answers end with ": receipt <base64>\n\n"
-
-
-class ReceiptInvalid(ExternalError):
-    """A receipt failed a check; ``check`` says which (signature, hash, chain, clock, binding)."""
-
-    def __init__(self, check: str, message: str) -> None:
-        super().__init__(f"receipt refused ({check}): {message}")
-        self.check = check
-        self.message = message
 
 
 class ReceiptBody(BaseModel):

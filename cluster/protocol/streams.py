@@ -1,4 +1,4 @@
-"""Messages of the streaming lifecycle (DESIGN §2, §6): what crosses between a client,
+"""Messages of the streaming lifecycle: what crosses between a client,
 validator-core and a miner agent. Times are Unix ns (``*_ns``), durations seconds (``*_s``).
 
     client --StreamSpec-->  validator-core  (capability)         -> StreamView (status accepted)
@@ -49,7 +49,8 @@ class StreamView(BaseModel):
 
 
 class StreamReady(BaseModel):  # kind "stream_ready", signed by the miner hotkey
-    """The readiness message of DESIGN §6: binds the job key to the miner and its proxy."""
+    """The readiness message: binds the job key to the miner and its proxy. validator-core stores
+    it and hands it to clients, who check every receipt's job key against it."""
 
     job_id: str
     job_key: PublicKey

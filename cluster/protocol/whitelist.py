@@ -1,4 +1,4 @@
-"""The streaming app whitelist (``configs/serve_apps.toml``) and the weights digest (DESIGN §6).
+"""The streaming app whitelist (``configs/serve_apps.toml``) and the weights digest.
 
 An entry pins an app by name and version to its code (``module:Class``), its model source and
 the sha256 of its weights. Deploying anything else, or weights whose digest differs, is refused
@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cluster.errors import AppRefused, ConfigError
 from cluster.protocol.canonical import canonical_bytes
-from cluster.errors import AppRefused, ConfigError  # noqa: F401 (AppRefused is re-exported)
 
 _MAX_HEADER = 100 * 2**20
 
@@ -85,7 +85,7 @@ class Whitelist(BaseModel):
 
 
 def weights_digest(path: str | Path) -> str:
-    """The DESIGN §6 digest of every tensor in ``path`` (a .safetensors file or a folder of them)."""
+    """The weights digest (above) of every tensor in ``path`` (a .safetensors file or a folder of them)."""
     p = Path(path)
     files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
     if not files:

@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from cluster.protocol.envelope import SignedEnvelope
+from cluster.protocol.http import error_body
 from cluster.protocol.messages import ChallengeRequest
-from cluster.validator.service import ValidatorCore
+from cluster.validator.core import ValidatorCore
 from cluster.errors import InvalidSpec, Refused, SignatureRejected
 from cluster.protocol.jobs import JobSpec
 from cluster.protocol.streams import StreamSpec
@@ -41,12 +42,11 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.exception_handler(Refused)
     async def _refused(_: Request, exc: Refused) -> JSONResponse:
-        return JSONResponse({"error": {"reason": exc.reason, "message": exc.message}},
-                            status_code=exc.status_code or 403)
+        return JSONResponse(error_body(exc.reason, exc.message), status_code=exc.status_code or 403)
 
     @app.exception_handler(InvalidSpec)
     async def _invalid(_: Request, exc: InvalidSpec) -> JSONResponse:
-        return JSONResponse({"error": {"reason": "invalid_spec", "message": str(exc)}}, status_code=422)
+        return JSONResponse(error_body("invalid_spec", str(exc)), status_code=422)
 
     @app.exception_handler(RequestValidationError)
     @app.exception_handler(ValidationError)
@@ -54,8 +54,7 @@ def build_app(core: ValidatorCore) -> FastAPI:
         errors = exc.errors() if hasattr(exc, "errors") else []
         parts = ["{}: {}".format(".".join(str(p) for p in e.get("loc", ()) if p != "body"), e.get("msg"))
                  for e in errors[:8]]
-        return JSONResponse({"error": {"reason": "malformed", "message": "; ".join(parts) or str(exc)}},
-                            status_code=422)
+        return JSONResponse(error_body("malformed", "; ".join(parts) or str(exc)), status_code=422)
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
@@ -79,42 +78,43 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.post("/v1/admission/challenge")
     def challenge(req: ChallengeRequest) -> dict[str, Any]:
-        return core.challenge(req).model_dump()
+        return core.admission.challenge(req).model_dump()
 
     @app.post("/v1/admission/join")
     def join(body: dict[str, Any]) -> dict[str, Any]:
-        return core.join(_signed(body)).model_dump()
+        return core.admission.join(_signed(body)).model_dump()
 
     @app.post("/v1/admission/node")
     def node(body: dict[str, Any]) -> dict[str, Any]:
-        core.node_started(_signed(body))
+        core.admission.node_started(_signed(body))
         return {"ok": True}
 
     @app.post("/v1/admission/node_lost")
     def node_lost(body: dict[str, Any]) -> dict[str, Any]:
-        core.node_lost(_signed(body))
+        core.admission.node_lost(_signed(body))
         return {"ok": True}
 
     @app.post("/v1/jobs/watch")
     def watch(body: dict[str, Any], authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
         """Body ``{"known": {job_id: ticket_id | null}, "wait_s": s}``: long-poll several jobs at once."""
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         known = body.get("known")
         if not isinstance(known, dict):
             raise Refused("malformed", "body must be {\"known\": {job_id: ticket_id or null}, \"wait_s\": seconds}",
                           status_code=422)
-        return [st.model_dump(mode="json") for st in core.watch(cap, known, wait_s=float(body.get("wait_s", 0)))]
+        states = core.organic.watch(cap, known, wait_s=float(body.get("wait_s", 0)))
+        return [st.model_dump(mode="json") for st in states]
 
     @app.post("/v1/heartbeat")
     def heartbeat(body: dict[str, Any]) -> dict[str, Any]:
         env = _signed(body)
-        kill = core.heartbeat(env)  # checks the envelope: env.signer is the miner from here on
+        kill = core.admission.heartbeat(env)  # checks the envelope: env.signer is the miner from here on
         return {"ok": True, "kill_tickets": kill,
                 "streams": [a.model_dump(mode="json") for a in core.streams.assigned(env.signer)]}
 
     @app.post("/v1/streams")
     def stream_deploy(spec: dict[str, Any], authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         try:
             parsed = StreamSpec.model_validate(spec)
         except ValidationError as exc:
@@ -123,24 +123,24 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.get("/v1/streams")
     def stream_list(authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         return [v.model_dump(mode="json") for v in core.streams.list(cap)]
 
     @app.get("/v1/streams/{job_id}")
     def stream_get(job_id: str, wait_s: float = 0, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         """``wait_s``: long-poll up to that many seconds (max 30) until the stream is ready or ended."""
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         return core.streams.get(cap, job_id, wait_s=wait_s).model_dump(mode="json")
 
     @app.post("/v1/streams/{job_id}/terminate")
     def stream_terminate(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         return core.streams.terminate(cap, job_id).model_dump(mode="json")
 
     @app.get("/v1/streams/{job_id}/verdicts/{request_id}/proof")
     def stream_proof(job_id: str, request_id: str, authorization: str | None = Header(default=None)) -> Response:
         """The self-contained proof of one verdict (``rayhorde verify-proof`` checks it)."""
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         core.streams.get(cap, job_id)  # the job's owner only (its bodies are the user's)
         claim, _, _ = core.verification.verdict(request_id)
         if claim is None or claim.job_id != job_id:
@@ -154,49 +154,49 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.post("/v1/capabilities")
     def capability(body: dict[str, Any]) -> dict[str, Any]:
-        return {"capability": core.issue_capability(_signed(body))}
+        return {"capability": core.capabilities.issue(_signed(body))}
 
     @app.post("/v1/jobs")
     def submit(spec: dict[str, Any], authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        cap = core.check_capability(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization))
         try:
             parsed = JobSpec.model_validate(spec)
         except ValidationError as exc:
             raise InvalidSpec(_describe(exc)) from exc
-        return core.register_job(cap, parsed).model_dump()
+        return core.organic.register(cap, parsed).model_dump()
 
     @app.get("/v1/jobs")
     def list_jobs(authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
-        cap = core.check_capability(_bearer(authorization))
-        return [v.model_dump(mode="json") for v in core.list_jobs(cap)]
+        cap = core.capabilities.check(_bearer(authorization))
+        return [v.model_dump(mode="json") for v in core.organic.list(cap)]
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str, wait_s: float = 0, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         """``wait_s``: long-poll up to that many seconds (max 30) for a final status."""
-        cap = core.check_capability(_bearer(authorization))
-        return core.get_job(cap, job_id, wait_s=wait_s).model_dump(mode="json")
+        cap = core.capabilities.check(_bearer(authorization))
+        return core.organic.get(cap, job_id, wait_s=wait_s).model_dump(mode="json")
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        cap = core.check_capability(_bearer(authorization))
-        return core.cancel_job(cap, job_id).model_dump(mode="json")
+        cap = core.capabilities.check(_bearer(authorization))
+        return core.organic.cancel(cap, job_id).model_dump(mode="json")
 
     @app.post("/v1/tickets/current")
     def ticket_current(body: dict[str, Any]) -> dict[str, Any]:
-        return {"current": core.ticket_current(_signed(body))}
+        return {"current": core.organic.ticket_current(_signed(body))}
 
     @app.post("/v1/tickets/fetch")
     def fetch_ticket(body: dict[str, Any]) -> dict[str, Any]:
-        return core.fetch_ticket(_signed(body))
+        return core.organic.fetch_ticket(_signed(body))
 
     @app.post("/v1/jobs/{job_id}/status")
     def report_status(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        core.report_status(job_id, _signed(body))
+        core.organic.report_status(job_id, _signed(body))
         return {"ok": True}
 
     @app.post("/v1/jobs/{job_id}/result")
     def report_result(job_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        core.report_result(job_id, _signed(body))
+        core.organic.report_result(job_id, _signed(body))
         return {"ok": True}
 
     return app

@@ -11,7 +11,7 @@ from cluster.chain import LocalChain
 from cluster.protocol.identity import load_or_create_wallet, read_or_create_secret
 from cluster.settings import ValidatorSettings, load_settings
 from cluster.validator.app import build_app
-from cluster.validator.service import ValidatorCore
+from cluster.validator.core import ValidatorCore
 
 
 def build_core(settings: ValidatorSettings) -> ValidatorCore:
@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s validator-core %(levelname)s %(message)s")
     settings = load_settings(ValidatorSettings, args.config, env_prefix="RAYHORDE_VALIDATOR_")
     core = build_core(settings)
-    core.start_sweeper()
-    core.verification.start(core._stop)
-    core.probes.start(core._stop)
+    core.start()
     logging.info("validator %s on %s (db %s)", core.hotkey.ss58, settings.url, settings.resolved_db_url())
     uvicorn.run(build_app(core), host=settings.host, port=settings.port, log_level="warning", access_log=False)
 

@@ -1,4 +1,4 @@
-"""validator-core's probe requests (issue 5): it also asks verifiable streams itself, as an
+"""validator-core's probe requests: it also asks verifiable streams itself, as an
 ordinary client, so that a miner serving few users is still checked and cannot tell which
 answers matter.
 
@@ -28,25 +28,22 @@ import logging
 import random
 import secrets
 import threading
-from typing import TYPE_CHECKING
 
 import httpx
 import sqlalchemy as sa
 
+from cluster.errors import ReceiptInvalid
 from cluster.protocol.canonical import NS
-from cluster.protocol.envelope import SignedEnvelope
-from cluster.protocol.identity import read_or_create_secret
-from cluster.validator import store as db
-from cluster.validator.streams import client_keys
-from cluster.protocol.jobs import JobStatus
-from serve_apps._private.client import VerifyingTransport
 from cluster.protocol.client_envelope import REQUEST_HEADER, RequestSigner, sign_request
+from cluster.protocol.envelope import SignedEnvelope
+from cluster.protocol.identity import Clock, read_or_create_secret
+from cluster.protocol.jobs import JobStatus
 from cluster.protocol.keys import PublicKey, SigningKey
 from cluster.protocol.streams import StreamReady
-from cluster.protocol.receipts import ReceiptInvalid
-
-if TYPE_CHECKING:
-    from cluster.validator.service import ValidatorCore
+from cluster.settings import ValidatorSettings
+from cluster.validator import store as db
+from cluster.validator.streams import client_keys, route_prefix
+from serve_apps.api import VerifyingTransport
 
 log = logging.getLogger("rayhorde.probes")
 
@@ -73,9 +70,10 @@ def probe_prompt(rng: random.Random) -> dict:
 
 
 class ProbeDesk:
-    def __init__(self, core: "ValidatorCore") -> None:
-        self.core = core
-        self.settings = core.settings
+    def __init__(self, settings: ValidatorSettings, *, engine: sa.Engine, clock: Clock) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.clock = clock
         self._secret = bytes.fromhex(read_or_create_secret(self.settings.home / "probe_secret"))
         self._rng = random.Random(secrets.randbits(64))  # prompts and timing: not predictable by a miner
         self._next_ns: dict[str, int] = {}  # job id -> when its next probe is due
@@ -94,9 +92,9 @@ class ProbeDesk:
 
     # ------------------------------------------------------------------ sending
     def _due(self) -> list[sa.Row]:
-        now = self.core.clock()
+        now = self.clock()
         interval_ns = int(self.settings.verify_probe_interval_s * NS)
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.streams).where(
                 db.streams.c.status == JobStatus.streaming_ready.value)).all()
         due = []
@@ -114,14 +112,14 @@ class ProbeDesk:
         """Send the probes that are due; returns how many got a verified answer."""
         sent = 0
         for s in self._due():
-            self._next_ns[s.id] = self.core.clock() + int(self.settings.verify_probe_interval_s * NS)
+            self._next_ns[s.id] = self.clock() + int(self.settings.verify_probe_interval_s * NS)
             sent += self.send(s)
         return sent
 
     def send(self, s: sa.Row) -> bool:
         ready = StreamReady.model_validate(SignedEnvelope.model_validate_json(s.ready_envelope).payload)
         transport = VerifyingTransport(ready, s.miner_hotkey, max_skew_s=self.settings.max_clock_skew_s)
-        key, route = self.key(s.id), f"/jobs/{s.id}"
+        key, route = self.key(s.id), route_prefix(s.id)
         body = probe_prompt(self._rng)
         error, probe_id = "", None
         try:
@@ -135,10 +133,10 @@ class ProbeDesk:
                 headers = sign_request(key, job_id=s.id, method="POST", path=path, body=raw)
                 # recorded BEFORE it is sent: the collector may pull the answer before this thread
                 # sees it, and must already know it is a probe (always verified)
-                with self.core.engine.begin() as conn:
+                with self.engine.begin() as conn:
                     probe_id = conn.execute(db.probes.insert().values(
                         request_id=hashlib.sha256(base64.b64decode(headers[REQUEST_HEADER])).hexdigest(),
-                        job_id=s.id, miner_hotkey=s.miner_hotkey, sent_ns=self.core.clock())).inserted_primary_key[0]
+                        job_id=s.id, miner_hotkey=s.miner_hotkey, sent_ns=self.clock())).inserted_primary_key[0]
                 with client.stream("POST", path, content=raw,
                                    headers={**headers, "content-type": "application/json"}) as resp:
                     resp.read()
@@ -149,10 +147,10 @@ class ProbeDesk:
         except (httpx.HTTPError, ReceiptInvalid, ValueError, KeyError, IndexError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         if error:
-            with self.core.engine.begin() as conn:
+            with self.engine.begin() as conn:
                 if probe_id is None:
                     conn.execute(db.probes.insert().values(job_id=s.id, miner_hotkey=s.miner_hotkey,
-                                                           sent_ns=self.core.clock(), error=error))
+                                                           sent_ns=self.clock(), error=error))
                 else:
                     conn.execute(db.probes.update().where(db.probes.c.id == probe_id).values(error=error))
             log.warning("probe of %s on miner %s got no verified answer: %s", s.id, s.miner_hotkey, error)

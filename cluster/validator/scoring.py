@@ -8,9 +8,9 @@ cycle is the executor-seconds it served there:
                 to the result (the agent cannot stretch it: the deadline retires the attempt);
     streaming   each of its streams: the part of ``[streaming_ready, end)`` inside the cycle.
                 A failed verification of the miner recorded in the cycle (one answer, a chain
-                gap, or the batch statistic) makes ALL its streaming work of the cycle worth 0
-                (issue 5: "worthless for the cycle"); it is also banned from new work for
-                ``verification_ban_s`` (routing, not here).
+                gap, or the batch statistic) makes ALL its streaming work of the cycle worth 0,
+                not just the answer that failed; it is also banned from new work for
+                ``verification_ban_s`` (placement, not here).
 
 Weights: scores of miners registered in the metagraph (and not in ``banned_hotkeys``),
 max-normalised to u16 (the best miner gets 65535), sent with :meth:`ChainBackend.set_weights`
@@ -22,19 +22,18 @@ A cycle with no scored work sets nothing (the chain keeps the previous weights).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from pydantic import BaseModel
 
-from cluster.protocol.canonical import NS
-from cluster.chain import U16_MAX, ChainFeature, Metagraph
-from cluster.validator import store as db
+from cluster.chain import U16_MAX, ChainBackend, ChainFeature, Metagraph
 from cluster.errors import ChainError, ConfigError, ServiceUnavailable
+from cluster.protocol.canonical import NS
+from cluster.protocol.identity import Clock
 from cluster.protocol.jobs import JobStatus
-
-if TYPE_CHECKING:
-    from cluster.validator.service import ValidatorCore
+from cluster.settings import ValidatorSettings
+from cluster.validator import store as db
+from cluster.validator.ledger import VERIFICATION_FAILED
 
 log = logging.getLogger("rayhorde.scoring")
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
@@ -114,7 +113,7 @@ def score_window(conn: sa.Connection, start_ns: int, end_ns: int, now_ns: int) -
     for hotkey, n in answers:
         miner(hotkey).stream_answers = n
     failures = conn.execute(sa.select(db.incidents.c.miner_hotkey, sa.func.count())
-                            .where(db.incidents.c.reason == "verification_failed", db.incidents.c.t_ns >= start_ns,
+                            .where(db.incidents.c.reason == VERIFICATION_FAILED, db.incidents.c.t_ns >= start_ns,
                                    db.incidents.c.t_ns < end_ns)
                             .group_by(db.incidents.c.miner_hotkey)).all()
     for hotkey, n in failures:
@@ -127,19 +126,25 @@ def score_window(conn: sa.Connection, start_ns: int, end_ns: int, now_ns: int) -
 
 
 class ScoringDesk:
-    def __init__(self, core: "ValidatorCore") -> None:
-        self.core = core
-        self.settings = core.settings
+    def __init__(self, settings: ValidatorSettings, *, engine: sa.Engine, chain: ChainBackend, clock: Clock) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.chain = chain
+        self.clock = clock
         self.cycle_ns = int(self.settings.score_cycle_s * NS)
 
     def cycle_of(self, t_ns: int) -> int:
         return t_ns // self.cycle_ns
 
+    def cycle_start(self, t_ns: int) -> int:
+        """When the cycle holding ``t_ns`` began."""
+        return self.cycle_of(t_ns) * self.cycle_ns
+
     def scores(self, cycle: int, *, now_ns: int | None = None) -> CycleScores:
         """The scores of ``cycle`` as the database has them now (a running view if it has not ended)."""
-        now = self.core.clock() if now_ns is None else now_ns
+        now = self.clock() if now_ns is None else now_ns
         start, end = cycle * self.cycle_ns, (cycle + 1) * self.cycle_ns
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             by_miner = score_window(conn, start, end, now)
         mg = self._metagraph()
         banned = set(self.settings.banned_hotkeys)
@@ -152,13 +157,13 @@ class ScoringDesk:
 
     def _metagraph(self) -> Metagraph | None:
         try:
-            return self.core.chain.metagraph(self.settings.netuid)
+            return self.chain.metagraph(self.settings.netuid)
         except (ConfigError, ChainError, ServiceUnavailable) as exc:
             log.warning("metagraph unavailable, scores carry no uids: %s", exc)
             return None
 
     def closed(self, limit: int = 10) -> list[CycleScores]:
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.score_cycles).order_by(db.score_cycles.c.cycle.desc()).limit(limit)).all()
         return [CycleScores.model_validate(r.scores).model_copy(update={"chain_status": r.chain_status,
                                                                         "chain_ref": r.chain_ref}) for r in rows]
@@ -166,16 +171,16 @@ class ScoringDesk:
     def tick(self) -> CycleScores | None:
         """Close the last ended cycle if it is not closed yet: store its scores, set weights.
         Cycles missed while validator-core was down are not back-filled (the chain has moved on)."""
-        cycle = self.cycle_of(self.core.clock()) - 1
-        with self.core.engine.connect() as conn:
+        cycle = self.cycle_of(self.clock()) - 1
+        with self.engine.connect() as conn:
             if conn.execute(sa.select(db.score_cycles.c.cycle).where(db.score_cycles.c.cycle == cycle)).first():
                 return None
         result = self.scores(cycle)
         weights = result.weights
         try:  # the row first: it claims the cycle, so weights are set once even with two processes
-            with self.core.engine.begin() as conn:
+            with self.engine.begin() as conn:
                 conn.execute(db.score_cycles.insert().values(
-                    cycle=cycle, start_ns=result.start_ns, end_ns=result.end_ns, closed_ns=self.core.clock(),
+                    cycle=cycle, start_ns=result.start_ns, end_ns=result.end_ns, closed_ns=self.clock(),
                     scores=result.model_dump(mode="json"), weights={str(k): v for k, v in weights.items()},
                     chain_status="setting"))
         except sa.exc.IntegrityError:
@@ -183,15 +188,15 @@ class ScoringDesk:
         ref = None
         if not weights:
             status = "skipped: no registered miner did scored work in the cycle"
-        elif ChainFeature.SET_WEIGHTS not in self.core.chain.features:
-            status = f"skipped: the chain backend cannot set weights ({self.core.chain.features})"
+        elif ChainFeature.SET_WEIGHTS not in self.chain.features:
+            status = f"skipped: the chain backend cannot set weights ({self.chain.features})"
         else:
             try:
-                ref = self.core.chain.set_weights(self.settings.netuid, weights)
+                ref = self.chain.set_weights(self.settings.netuid, weights)
                 status = "set"
             except (ChainError, ServiceUnavailable) as exc:
                 status = f"failed: {exc}"  # recorded; the next cycle sets fresh weights
-        with self.core.engine.begin() as conn:
+        with self.engine.begin() as conn:
             conn.execute(db.score_cycles.update().where(db.score_cycles.c.cycle == cycle)
                          .values(chain_status=status, chain_ref=ref))
         result = result.model_copy(update={"chain_status": status, "chain_ref": ref})

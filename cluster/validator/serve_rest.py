@@ -2,7 +2,7 @@
 
 Serve's REST API is declarative over every REST-managed application: each ``PUT
 /api/serve/applications/`` carries the whole set, and an application missing from it is
-deleted (DESIGN §3). So there is exactly one writer, holding a lock, and it always sends the
+deleted. So there is exactly one writer, holding a lock, and it always sends the
 full desired set: the streaming jobs that should run now. ``DELETE`` would shut Serve down for
 everyone and is never used. Statuses come back as JSON (``GET``): nothing is unpickled.
 

@@ -29,11 +29,17 @@ what a fresh database gets), and (2) append ``Migration(n + 1, "what changed", f
 portable DDL, e.g. ``conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT
 NULL DEFAULT 0"))`` or ``new_table.create(conn)``, plus any data backfill. Never edit or reorder
 a released step; test the step on both backends (``tests/cluster/test_store.py``).
+
+Stored module paths. ``streams.serve_app`` is the Serve application entry sent to Serve's REST
+API, and it names code by path: ``import_path`` (``module:attr``, the builder) and
+``args.app`` (``module:Class``, the whitelisted app). They are the only columns that do. When a
+module moves, add its old path to :data:`cluster.protocol.moved.MOVED_MODULES` and append a
+step that runs :func:`_current_module_paths` again, so that stored entries name the new
+modules before validator-core re-applies them to Serve.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -42,6 +48,8 @@ from typing import Any, Callable
 import sqlalchemy as sa
 
 from cluster.errors import ConfigError
+from cluster.protocol.canonical import NS
+from cluster.protocol.moved import current_module_path
 
 
 class String(sa.types.TypeDecorator):
@@ -149,7 +157,7 @@ job_events = sa.Table(
     sa.Column("detail", Text, nullable=False, default=""),
     sa.Column("evidence", Text, nullable=True),
 )
-streams = sa.Table(  # streaming jobs (issue 4); their history lives in job_events under the same id
+streams = sa.Table(  # streaming jobs; their history lives in job_events under the same id
     "streams", metadata,
     sa.Column("id", String, primary_key=True),
     sa.Column("capability_id", String, nullable=False),
@@ -165,7 +173,7 @@ streams = sa.Table(  # streaming jobs (issue 4); their history lives in job_even
     sa.Column("failure", sa.JSON, nullable=True),
     sa.Column("receipts_seq", sa.Integer, nullable=False, default=-1),  # last receipt collected (verification)
 )
-stream_claims = sa.Table(  # answers collected from miners' proxies, every signature checked (issue 5)
+stream_claims = sa.Table(  # answers collected from miners' proxies, every signature checked
     "stream_claims", metadata,
     sa.Column("request_id", String, primary_key=True),
     sa.Column("job_id", String, nullable=False, index=True),
@@ -189,7 +197,7 @@ score_cycles = sa.Table(  # one row per closed scoring cycle: what was scored an
     sa.Column("chain_ref", String, nullable=True),
 )
 
-probes = sa.Table(  # validator-core's own requests to verifiable streams: always verified (issue 5)
+probes = sa.Table(  # validator-core's own requests to verifiable streams: always verified
     "probes", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("request_id", String, nullable=True, index=True),  # None: no verified answer came back
@@ -263,11 +271,29 @@ def _scores_and_probes(conn: sa.Connection) -> None:
     probes.create(conn, checkfirst=True)
 
 
+def _with_current_paths(app: dict[str, Any]) -> dict[str, Any]:
+    """A stream's Serve application entry with the module paths it names made current."""
+    out = dict(app)
+    if isinstance(out.get("import_path"), str):
+        out["import_path"] = current_module_path(out["import_path"])
+    if isinstance(out.get("args"), dict) and isinstance(out["args"].get("app"), str):
+        out["args"] = {**out["args"], "app": current_module_path(out["args"]["app"])}
+    return out
+
+
+def _current_module_paths(conn: sa.Connection) -> None:
+    for row in conn.execute(sa.select(streams.c.id, streams.c.serve_app)).all():
+        app = _with_current_paths(row.serve_app) if row.serve_app else row.serve_app
+        if app != row.serve_app:
+            conn.execute(streams.update().where(streams.c.id == row.id).values(serve_app=app))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "initial tables", _initial_tables),
     Migration(2, "streaming jobs", lambda conn: streams.create(conn, checkfirst=True)),
     Migration(3, "verification: collected claims, receipt cursor per stream", _claims_and_cursor),
     Migration(4, "scoring cycles, probes", _scores_and_probes),
+    Migration(5, "stored module paths follow the modules that moved (cluster.protocol.moved)", _current_module_paths),
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations
@@ -307,19 +333,7 @@ def _record(conn: sa.Connection, step: Migration, note: str = "") -> None:
                                                 applied_ns=time.time_ns()))
 
 
-def current_version(engine: sa.Engine) -> int | None:
-    """The schema version recorded in the database (None: no ``schema_version`` yet)."""
-    with engine.connect() as conn:
-        if not sa.inspect(conn).has_table("schema_version"):
-            return None
-        return conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
-
-
-# ---------------------------------------------------------------------------- helpers
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
-
-
+# ---------------------------------------------------------------------------- replay guard
 class DbNonceGuard:
     """Replay guard backed by ``seen_nonces``: a (signer, nonce) pair is accepted once.
 
@@ -333,7 +347,7 @@ class DbNonceGuard:
 
     def __init__(self, engine: sa.Engine, *, keep_s: float) -> None:
         self.engine = engine
-        self.keep_ns = int(keep_s * 1e9)
+        self.keep_ns = int(keep_s * NS)
 
     def check_and_record(self, signer: str, nonce: str, t_ns: int) -> bool:
         try:

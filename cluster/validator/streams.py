@@ -1,4 +1,4 @@
-"""validator-core's streaming jobs (DESIGN §2): place, deploy, announce, end.
+"""validator-core's streaming jobs: place, deploy, announce, end.
 
     deploy(spec)  whitelist + options + class checked; a miner with a free executor of the
                   class picked (streams hold an executor like organic attempts); row written
@@ -11,8 +11,8 @@
     end           the client terminates (``completed``), the time limit passes (``completed``),
                   the app fails to deploy or never gets ready (``horde_failed``), or the
                   miner's node / agent is lost (``horde_failed``; a dead node under a live agent
-                  is a fabric incident, missed heartbeats are charged: DESIGN §1 point 8). The
-                  app leaves the Serve config; the agent drops the route at its next heartbeat.
+                  is a fabric incident, not charged to the miner; missed heartbeats are charged).
+                  The app leaves the Serve config; the agent drops the route at its next heartbeat.
 
 Serve is driven only through its REST API (:mod:`.serve_rest`): validator-core never becomes a
 Ray driver, so it never unpickles anything the cluster produced.
@@ -21,29 +21,32 @@ Ray driver, so it never unpickles anything the cluster produced.
 from __future__ import annotations
 
 import logging
-import time
+import threading
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Callable
 
 import sqlalchemy as sa
 
+from cluster.errors import InvalidSpec, Refused, ServiceUnavailable
 from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import SignedEnvelope
-from cluster.protocol.messages import miner_resource
-from cluster.validator import store as db
-from cluster.validator.serve_rest import BUILDER, ServeRest
-from cluster.errors import InvalidSpec, Refused, ServiceUnavailable
+from cluster.protocol.identity import Clock
 from cluster.protocol.jobs import Failure, FailureKind, JobStatus, StatusEvent
 from cluster.protocol.keys import PublicKey
+from cluster.protocol.messages import Capability, miner_resource
 from cluster.protocol.streams import READY_KIND, StreamAssignment, StreamReady, StreamSpec, StreamView
 from cluster.protocol.whitelist import Whitelist
-
-if TYPE_CHECKING:
-    from cluster.protocol.messages import Capability
-    from cluster.validator.service import ValidatorCore
+from cluster.settings import ExecutorClass, ValidatorSettings
+from cluster.validator import store as db
+from cluster.validator.capabilities import CapabilityDesk
+from cluster.validator.changes import Changes
+from cluster.validator.envelopes import EnvelopeOpener
+from cluster.validator.ledger import Ledger, blame
+from cluster.validator.placement import ACTIVE_STREAM, Placement
+from cluster.validator.serve_rest import BUILDER, ServeRest
 
 log = logging.getLogger("rayhorde.validator")
-ACTIVE = (JobStatus.accepted.value, JobStatus.streaming_ready.value)
+ProbeKeys = Callable[[str, list[PublicKey]], list[PublicKey]]  # (job id, user keys) -> keys with the probe key
 
 
 def client_keys(s: sa.Row) -> list[PublicKey]:
@@ -60,37 +63,47 @@ def route_prefix(job_id: str) -> str:
 
 
 class StreamDesk:
-    def __init__(self, core: "ValidatorCore", serve: ServeRest | None) -> None:
-        self.core = core
-        self.settings = core.settings
-        self.whitelist = Whitelist.load(core.settings.whitelist_path)
+    def __init__(self, settings: ValidatorSettings, *, classes: dict[str, ExecutorClass], serve: ServeRest | None,
+                 probe_keys: ProbeKeys, engine: sa.Engine, alloc: threading.Lock, opener: EnvelopeOpener,
+                 changes: Changes, ledger: Ledger, placement: Placement, capabilities: CapabilityDesk,
+                 clock: Clock) -> None:
+        self.settings = settings
+        self.classes = classes
+        self.whitelist = Whitelist.load(settings.whitelist_path)
         self.serve = serve  # None: this validator has no Ray head to deploy to (unit tests)
+        self.probe_keys = probe_keys  # validator-core's probe key among a verifiable app's client keys
+        self.engine = engine
+        self.alloc = alloc  # held by every write that can free or take an executor
+        self.opener = opener
+        self.changes = changes
+        self.ledger = ledger
+        self.placement = placement
+        self.capabilities = capabilities
+        self.clock = clock
 
     # ------------------------------------------------------------------ client side
-    def deploy(self, cap: "Capability", spec: StreamSpec) -> StreamView:
+    def deploy(self, cap: Capability, spec: StreamSpec) -> StreamView:
         entry = self.whitelist.entry(spec.app, spec.version)  # AppRefused: app_not_whitelisted
         unknown = sorted(set(spec.options) - set(entry.options))
         if unknown:
             raise InvalidSpec(f"app {spec.app} does not take options {unknown}; it takes {entry.options or 'none'}")
-        if spec.executor_class not in self.core.classes:
-            raise InvalidSpec(f"unknown executor class {spec.executor_class!r}; known: {sorted(self.core.classes)}")
+        if spec.executor_class not in self.classes:
+            raise InvalidSpec(f"unknown executor class {spec.executor_class!r}; known: {sorted(self.classes)}")
         if spec.max_duration_s > self.settings.stream_max_duration_s:
             raise InvalidSpec(f"max_duration_s {spec.max_duration_s} exceeds this validator's limit of "
                               f"{self.settings.stream_max_duration_s:g} s")
         job_id = "s" + uuid.uuid4().hex
-        core = self.core
-        with core._alloc, core.engine.begin() as conn:
-            now = core.clock()
-            row = core._budget(conn, cap)
-            miner, why = core._pick_miner(conn, spec.executor_class, exclude=set())
+        with self.alloc, self.engine.begin() as conn:
+            now = self.clock()
+            row = self.capabilities.budget(conn, cap)
+            miner, why = self.placement.pick_miner(conn, spec.executor_class, exclude=set())
             if miner is None:
                 raise Refused("no_miner_for_job", f"no miner can take a {spec.executor_class} stream now: {why}",
                               status_code=503)
-            conn.execute(db.capabilities.update().where(db.capabilities.c.id == row.id)
-                         .values(jobs_used=row.jobs_used + 1))
+            self.capabilities.spend(conn, row)
             # who may call it, fixed here for the job's life: its user's keys, and on a verifiable
             # app validator-core's probe key among them (:mod:`.probes`)
-            keys = self.core.probes.client_keys(job_id, spec.client_keys) if entry.verifiable else spec.client_keys
+            keys = self.probe_keys(job_id, spec.client_keys) if entry.verifiable else spec.client_keys
             init = {**entry.init, **spec.options, "job_id": job_id, "miner_hotkey": miner,
                     "client_keys": [k.model_dump() for k in keys],
                     "route_prefix": route_prefix(job_id),
@@ -105,12 +118,12 @@ class StreamDesk:
                 id=job_id, capability_id=cap.capability_id, user_hotkey=cap.user, spec=spec.model_dump(mode="json"),
                 executor_class=spec.executor_class, status=JobStatus.accepted.value, created_ns=now,
                 miner_hotkey=miner, deadline_ns=now + spec.max_duration_s * NS, serve_app=app))
-            core._event(conn, job_id, 1, JobStatus.accepted, detail=f"placed on miner {miner}")
+            self.ledger.event(conn, job_id, 1, JobStatus.accepted, detail=f"placed on miner {miner}")
         self.reconcile()
         return self.get(cap, job_id)
 
-    def terminate(self, cap: "Capability", job_id: str) -> StreamView:
-        with self.core._alloc, self.core.engine.begin() as conn:
+    def terminate(self, cap: Capability, job_id: str) -> StreamView:
+        with self.alloc, self.engine.begin() as conn:
             s = self._owned(conn, cap, job_id)
             if JobStatus(s.status).terminal:
                 raise Refused("already_finished", f"streaming job {job_id} is already {s.status}", status_code=409)
@@ -118,28 +131,25 @@ class StreamDesk:
         self.reconcile()
         return self.get(cap, job_id)
 
-    def get(self, cap: "Capability", job_id: str, wait_s: float = 0) -> StreamView:
+    def get(self, cap: Capability, job_id: str, wait_s: float = 0) -> StreamView:
         """The stream as recorded; ``wait_s`` > 0 waits (max 30 s) until it is ready or ended."""
-        deadline = time.monotonic() + min(wait_s, 30)
-        while True:
-            with self.core.engine.connect() as conn:
+        def read() -> StreamView:
+            with self.engine.connect() as conn:
                 s = self._owned(conn, cap, job_id)
                 events = conn.execute(sa.select(db.job_events).where(db.job_events.c.job_id == job_id)
                                       .order_by(db.job_events.c.id)).all()
-            view = _view(s, events)
-            remaining = deadline - time.monotonic()
-            if view.status != JobStatus.accepted or remaining <= 0:
-                return view
-            with self.core._changed:
-                self.core._changed.wait(min(remaining, 1.0))
+            return _view(s, events)
 
-    def list(self, cap: "Capability", limit: int = 100) -> list[StreamView]:
-        with self.core.engine.connect() as conn:
+        return self.changes.poll(read, lambda view: view.status != JobStatus.accepted, wait_s)
+
+    def list(self, cap: Capability, limit: int = 100) -> list[StreamView]:
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.streams).where(db.streams.c.user_hotkey == cap.user)
                                 .order_by(db.streams.c.created_ns.desc()).limit(limit)).all()
         return [_view(r, []) for r in rows]
 
-    def _owned(self, conn: sa.Connection, cap: "Capability", job_id: str) -> sa.Row:
+    @staticmethod
+    def _owned(conn: sa.Connection, cap: Capability, job_id: str) -> sa.Row:
         s = conn.execute(sa.select(db.streams).where(db.streams.c.id == job_id)).first()
         if s is None or s.user_hotkey != cap.user:
             raise Refused("not_found", f"no streaming job {job_id} for user {cap.user}", status_code=404)
@@ -148,19 +158,19 @@ class StreamDesk:
     # ------------------------------------------------------------------ miner side
     def assigned(self, miner: str) -> list[StreamAssignment]:
         """The active streams placed on ``miner`` (sent with every heartbeat answer)."""
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.streams).where(db.streams.c.miner_hotkey == miner,
-                                                            db.streams.c.status.in_(ACTIVE))).all()
+                                                            db.streams.c.status.in_(ACTIVE_STREAM))).all()
         return [StreamAssignment(job_id=r.id, route_prefix=route_prefix(r.id),
                                  client_keys=client_keys(r),
                                  deadline_ns=r.deadline_ns,
                                  ready=r.ready_envelope is not None) for r in rows]
 
     def ready(self, job_id: str, env: SignedEnvelope) -> None:
-        msg = StreamReady.model_validate(self.core._open(env, READY_KIND))
+        msg = StreamReady.model_validate(self.opener.open(env, READY_KIND))
         if msg.job_id != job_id:
             raise Refused("malformed", f"readiness names job {msg.job_id}, posted for {job_id}", status_code=400)
-        with self.core._alloc, self.core.engine.begin() as conn:
+        with self.alloc, self.engine.begin() as conn:
             s = conn.execute(sa.select(db.streams).where(db.streams.c.id == job_id)).first()
             if s is None or s.miner_hotkey != env.signer:
                 raise Refused("wrong_miner", f"streaming job {job_id} is not placed on {env.signer}", status_code=403)
@@ -169,22 +179,20 @@ class StreamDesk:
                               status_code=409)
             conn.execute(db.streams.update().where(db.streams.c.id == job_id).values(
                 status=JobStatus.streaming_ready.value, ready_envelope=env.model_dump_json()))
-            self.core._event(conn, job_id, 1, JobStatus.streaming_ready, reporter=env.signer,
-                             detail=f"serving at {msg.proxy_url}", evidence=env.model_dump_json())
-        self.core._notify()
+            self.ledger.event(conn, job_id, 1, JobStatus.streaming_ready, reporter=env.signer,
+                              detail=f"serving at {msg.proxy_url}", evidence=env.model_dump_json())
+        self.changes.notify()
 
     def miner_lost(self, conn: sa.Connection, miner: str, *, reason: str, charged: bool,
                    evidence: str | None = None) -> int:
         """End every active stream of ``miner``: its node (or the whole miner) is gone. Caller
-        holds ``_alloc`` and the transaction; the Serve config is re-applied by the caller."""
+        holds the allocation lock and the transaction; the Serve config is re-applied by the caller."""
         n = 0
         for s in conn.execute(sa.select(db.streams).where(db.streams.c.miner_hotkey == miner,
-                                                          db.streams.c.status.in_(ACTIVE))).all():
-            conn.execute(db.incidents.insert().values(miner_hotkey=miner, t_ns=self.core.clock(),
-                                                      kind="miner" if charged else "fabric", reason=reason,
-                                                      job_id=s.id, attempt=1, evidence=evidence))
-            blame = "charged to the miner" if charged else "fabric incident, not charged"
-            self._end(conn, s, JobStatus.horde_failed, f"{reason} ({blame})", failure_reason="executor_disconnected")
+                                                          db.streams.c.status.in_(ACTIVE_STREAM))).all():
+            self.ledger.incident(conn, miner, reason, charged=charged, job_id=s.id, attempt=1, evidence=evidence)
+            self._end(conn, s, JobStatus.horde_failed, f"{reason} ({blame(charged)})",
+                      failure_reason="executor_disconnected")
             n += 1
         return n
 
@@ -195,22 +203,20 @@ class StreamDesk:
             failure = Failure(kind=FailureKind.horde_failure, reason=failure_reason or "executor_spinup_failed",
                               message=detail, reporter="validator").model_dump(mode="json")
         conn.execute(db.streams.update().where(db.streams.c.id == s.id).values(status=status.value, failure=failure))
-        self.core._event(conn, s.id, 1, status, reporter=reporter, detail=detail)
+        self.ledger.event(conn, s.id, 1, status, reporter=reporter, detail=detail)
 
     # ------------------------------------------------------------------ periodic
     def sweep(self) -> None:
         """Time limits, deploy failures and deploy timeouts; then make Serve match the table."""
-        core = self.core
-        now = core.clock()
-        live_after = now - int(self.settings.heartbeat_timeout_s * NS)
+        now = self.clock()
         changed = 0
         statuses: dict[str, dict[str, str]] | None = None
-        with core._alloc, core.engine.begin() as conn:
-            for s in conn.execute(sa.select(db.streams).where(db.streams.c.status.in_(ACTIVE))).all():
+        with self.alloc, self.engine.begin() as conn:
+            for s in conn.execute(sa.select(db.streams).where(db.streams.c.status.in_(ACTIVE_STREAM))).all():
                 m = conn.execute(sa.select(db.miners).where(db.miners.c.hotkey == s.miner_hotkey)).first()
                 if s.deadline_ns is not None and now > s.deadline_ns:
                     self._end(conn, s, JobStatus.completed, "time limit reached (max_duration_s)")
-                elif m is None or (m.last_heartbeat_ns or 0) < live_after:
+                elif not self.placement.is_live(m, now):
                     changed += self.miner_lost(conn, s.miner_hotkey, reason="missed_heartbeats", charged=True)
                     continue
                 elif s.status == JobStatus.accepted.value:
@@ -234,16 +240,16 @@ class StreamDesk:
                     continue
                 changed += 1
         if changed:
-            core._notify()
+            self.changes.notify()
         self.reconcile()
 
     def reconcile(self) -> None:
         """Make Serve's REST-managed apps exactly the active streams (a no-op when they are)."""
         if self.serve is None:
             return
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             apps = [r.serve_app for r in conn.execute(sa.select(db.streams.c.serve_app).where(
-                db.streams.c.status.in_(ACTIVE)))]
+                db.streams.c.status.in_(ACTIVE_STREAM)))]
         try:
             self.serve.apply(apps)
         except ServiceUnavailable as exc:  # the next sweep tries again
@@ -270,7 +276,3 @@ def _view(s: sa.Row, events: list[sa.Row]) -> StreamView:
         failure=Failure.model_validate(s.failure) if s.failure else None,
         history=[StatusEvent(status=JobStatus(e.status), t_ns=e.t_ns, attempt=e.attempt, reporter=e.reporter,
                              detail=e.detail) for e in events])
-
-
-def assignments_payload(items: list[StreamAssignment]) -> list[dict[str, Any]]:
-    return [a.model_dump(mode="json") for a in items]

@@ -1,4 +1,4 @@
-"""validator-core's verification loop (DESIGN §2 "Verification", issue 5).
+"""validator-core's verification loop: are miners serving the whitelisted model, exactly?
 
     collect   every ``verify_interval_s``: for each streaming job with a readiness, pull the
               receipts after the last one collected from the miner's proxy and check them
@@ -25,24 +25,28 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import httpx
 import sqlalchemy as sa
 
+from cluster.errors import Refused
 from cluster.protocol.canonical import NS
-from cluster.protocol.envelope import SignedEnvelope
-from cluster.validator import store as db
-from cluster.validator.streams import client_keys
-from cluster.verification.collector import StreamSource, pull
-from cluster.verification.calibration import BatchCalibration, batch_statistic
-from cluster.verification.models import BatchVerdict, Claim, Verdict
-from cluster.protocol.jobs import JobStatus
 from cluster.protocol.client_envelope import RequestEnvelope
+from cluster.protocol.envelope import SignedEnvelope
+from cluster.protocol.identity import Clock, Hotkey
+from cluster.protocol.jobs import JobStatus
 from cluster.protocol.streams import StreamReady
-
-if TYPE_CHECKING:
-    from cluster.validator.service import ValidatorCore
+from cluster.settings import ValidatorSettings
+from cluster.validator import store as db
+from cluster.validator.ledger import VERIFICATION_FAILED, Ledger
+from cluster.validator.scoring import ScoringDesk
+from cluster.validator.streams import client_keys, route_prefix
+from cluster.verification.calibration import BatchCalibration, batch_statistic
+from cluster.verification.client import VerificationClient
+from cluster.verification.collector import StreamSource, pull
+from cluster.verification.models import BatchVerdict, Claim, Verdict
+from cluster.verification.proof import make_proof
 
 log = logging.getLogger("rayhorde.verification")
 BatchRunner = Callable[[list[Claim], float], list[Verdict]]
@@ -50,9 +54,14 @@ SCORABLE = ("/v1/chat/completions", "/v1/completions")
 
 
 class VerificationDesk:
-    def __init__(self, core: "ValidatorCore", runner: BatchRunner | None = None) -> None:
-        self.core = core
-        self.settings = core.settings
+    def __init__(self, settings: ValidatorSettings, *, hotkey: Hotkey, engine: sa.Engine, ledger: Ledger,
+                 scoring: ScoringDesk, clock: Clock, runner: BatchRunner | None = None) -> None:
+        self.settings = settings
+        self.hotkey = hotkey
+        self.engine = engine
+        self.ledger = ledger
+        self.scoring = scoring  # a failed batch statistic is recorded once per scoring cycle
+        self.clock = clock
         self.runner = runner  # None: collect and check chains only (no verification cluster)
         self._draw = secrets.SystemRandom()
         self._http = httpx.Client(timeout=30)
@@ -60,9 +69,9 @@ class VerificationDesk:
 
     # ------------------------------------------------------------------ collect
     def _sources(self) -> list[tuple[StreamSource, int]]:
-        now = self.core.clock()
+        now = self.clock()
         out = []
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             for s in conn.execute(sa.select(db.streams).where(db.streams.c.ready_envelope.is_not(None))).all():
                 if JobStatus(s.status).terminal:
                     ended = conn.execute(sa.select(sa.func.max(db.job_events.c.t_ns))
@@ -78,7 +87,7 @@ class VerificationDesk:
                 out.append((StreamSource(job_id=s.id, miner_hotkey=s.miner_hotkey, proxy_url=ready.proxy_url,
                                          job_key=ready.job_key,
                                          client_keys=client_keys(s),
-                                         route_prefix=f"/jobs/{s.id}", weights_sha256=ready.weights_sha256,
+                                         route_prefix=route_prefix(s.id), weights_sha256=ready.weights_sha256,
                                          after_seq=s.receipts_seq, prev=prev), s.receipts_seq))
         return out
 
@@ -88,7 +97,7 @@ class VerificationDesk:
         for source, _ in self._sources():
             while True:
                 try:
-                    got = pull(source, self.core.hotkey, self._http)
+                    got = pull(source, self.hotkey, self._http)
                 except (httpx.HTTPError, ValueError) as exc:
                     log.warning("could not pull receipts of %s from %s: %s", source.job_id, source.proxy_url, exc)
                     break
@@ -100,8 +109,8 @@ class VerificationDesk:
         return n
 
     def _store_collected(self, job_id: str, claims: list[Claim], failures: list[Verdict], last_seq: int) -> None:
-        now = self.core.clock()
-        with self.core.engine.begin() as conn:
+        now = self.clock()
+        with self.engine.begin() as conn:
             probed = set(conn.execute(sa.select(db.probes.c.request_id).where(
                 db.probes.c.request_id.in_([c.request_id for c in claims]))).scalars()) if claims else set()
             for c in claims:
@@ -127,27 +136,26 @@ class VerificationDesk:
         else:  # nothing to score (a gap, a forged envelope): the verdict is the whole record
             conn.execute(db.stream_claims.insert().values(
                 request_id=v.request_id, job_id=v.job_id, seq=seq, miner_hotkey=v.miner_hotkey,
-                collected_ns=self.core.clock(), claim="{}", state="failed", verdict=v.model_dump_json()))
-        conn.execute(db.incidents.insert().values(
-            miner_hotkey=v.miner_hotkey, t_ns=self.core.clock(), kind="miner", reason="verification_failed",
-            job_id=v.job_id, attempt=1, evidence=v.model_dump_json()))
+                collected_ns=self.clock(), claim="{}", state="failed", verdict=v.model_dump_json()))
+        self.ledger.incident(conn, v.miner_hotkey, VERIFICATION_FAILED, charged=True, job_id=v.job_id, attempt=1,
+                             evidence=v.model_dump_json())
         log.warning("verification failed for miner %s, job %s: %s %s", v.miner_hotkey, v.job_id, v.reason, v.message)
 
     # ------------------------------------------------------------------ batches
     def batch_due(self) -> bool:
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             n, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(db.stream_claims.c.collected_ns))
                                      .where(db.stream_claims.c.state == "pending")).one()
         if not n:
             return False
         return n >= self.settings.verify_batch_min or \
-            self.core.clock() - oldest > self.settings.verify_batch_max_age_s * NS
+            self.clock() - oldest > self.settings.verify_batch_max_age_s * NS
 
     def run_batch(self) -> list[Verdict]:
         """Verify up to ``verify_batch_max`` waiting claims on the verification cluster."""
         if self.runner is None:
             return []
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.stream_claims.c.claim).where(db.stream_claims.c.state == "pending")
                                 .order_by(db.stream_claims.c.collected_ns).limit(self.settings.verify_batch_max)).all()
         claims = [Claim.model_validate_json(r.claim) for r in rows]
@@ -160,9 +168,8 @@ class VerificationDesk:
     def check_batch(self, miner: str) -> BatchVerdict | None:
         """The batch statistic over ``miner``'s answers verified in the current scoring cycle; a
         failure is recorded once per cycle. None: nothing verified yet."""
-        scoring = self.core.scoring
-        start = scoring.cycle_of(self.core.clock()) * scoring.cycle_ns
-        with self.core.engine.connect() as conn:
+        start = self.scoring.cycle_start(self.clock())
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.stream_claims.c.verdict).where(
                 db.stream_claims.c.miner_hotkey == miner, db.stream_claims.c.collected_ns >= start,
                 db.stream_claims.c.state.in_(("verified", "failed")), db.stream_claims.c.verdict.is_not(None))).all()
@@ -177,19 +184,18 @@ class VerificationDesk:
                           honest_rate=cal.honest_rate, z=cal.z)
         if ok:
             return bv
-        with self.core.engine.begin() as conn:
+        with self.engine.begin() as conn:
             already = conn.execute(sa.select(db.incidents.c.id).where(
-                db.incidents.c.miner_hotkey == miner, db.incidents.c.reason == "verification_failed",
+                db.incidents.c.miner_hotkey == miner, db.incidents.c.reason == VERIFICATION_FAILED,
                 db.incidents.c.job_id.is_(None), db.incidents.c.t_ns >= start)).first()
             if already is None:  # batch failures carry no job: one answer alone proves nothing
-                conn.execute(db.incidents.insert().values(
-                    miner_hotkey=miner, t_ns=self.core.clock(), kind="miner", reason="verification_failed",
-                    job_id=None, attempt=None, evidence=bv.model_dump_json()))
+                self.ledger.incident(conn, miner, VERIFICATION_FAILED, charged=True, job_id=None, attempt=None,
+                                     evidence=bv.model_dump_json())
                 log.warning("batch statistic failed for miner %s: %s", miner, bv.message)
         return bv
 
     def store_verdicts(self, verdicts: list[Verdict]) -> None:
-        with self.core.engine.begin() as conn:
+        with self.engine.begin() as conn:
             for v in verdicts:
                 if v.ok:
                     conn.execute(db.stream_claims.update().where(db.stream_claims.c.request_id == v.request_id)
@@ -217,7 +223,7 @@ class VerificationDesk:
     # ------------------------------------------------------------------ reading
     def verdict(self, request_id: str) -> tuple[Claim | None, Verdict | None, str | None]:
         """The claim, its verdict and the job's readiness envelope JSON (for proofs)."""
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             row = conn.execute(sa.select(db.stream_claims).where(db.stream_claims.c.request_id == request_id)).first()
             if row is None:
                 return None, None, None
@@ -227,16 +233,13 @@ class VerificationDesk:
 
     def proof(self, request_id: str) -> bytes:
         """The exported proof of a verified (or failed) claim, signed by this validator."""
-        from cluster.verification.proof import make_proof
-        from cluster.errors import Refused
-
         claim, verdict, ready = self.verdict(request_id)
         if claim is None or verdict is None or ready is None:
             raise Refused("not_found", f"no verdict with a claim for request {request_id}", status_code=404)
-        return make_proof(claim, SignedEnvelope.model_validate_json(ready), verdict, verdict.margin, self.core.hotkey)
+        return make_proof(claim, SignedEnvelope.model_validate_json(ready), verdict, verdict.margin, self.hotkey)
 
     def summary(self) -> dict[str, dict[str, int]]:
-        with self.core.engine.connect() as conn:
+        with self.engine.connect() as conn:
             rows = conn.execute(sa.select(db.stream_claims.c.miner_hotkey, db.stream_claims.c.state, sa.func.count())
                                 .group_by(db.stream_claims.c.miner_hotkey, db.stream_claims.c.state)).all()
         out: dict[str, dict[str, int]] = {}
@@ -250,17 +253,9 @@ def cluster_runner(address: str, token: str, work_dir: str, factory: str, keep_w
     through a driver subprocess: validator-core itself never joins a Ray cluster. The verifier
     actor stays warm ``keep_warm_s`` for the next batch (then exits; the worker idles out)."""
     def run(claims: list[Claim], margin: float) -> list[Verdict]:
-        from cluster.verification.cluster import VerificationClient
-
         result = VerificationClient(address, token, work_dir=work_dir).run_batch(claims, margin, factory,
                                                                                  keep_warm_s=keep_warm_s)
         log.info("verified %d answers on %s in %s", len(claims), result.actor, result.timings)
         return result.verdicts
     return run
-
-
-def banned_miners(conn: sa.Connection, *, now_ns: int, ban_s: float) -> set[str]:
-    """Miners with a failed verification in the last ``ban_s``: no new work for them."""
-    return set(conn.execute(sa.select(db.incidents.c.miner_hotkey).where(
-        db.incidents.c.reason == "verification_failed", db.incidents.c.t_ns >= now_ns - int(ban_s * NS))).scalars())
 

@@ -1,2 +1,2 @@
-"""Verification (issue 5): validators re-check sampled LLM answers with one prefill pass on a
+"""Verification: validators re-check sampled LLM answers with one prefill pass on a
 private, autoscaled verification cluster. See ``models.py`` for what crosses its boundary."""

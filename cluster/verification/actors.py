@@ -39,9 +39,10 @@ from typing import Any, Callable
 
 import ray
 
+from cluster.errors import VerifierExiting
+from cluster.verification.cluster import CUSTOM_RESOURCE
 from cluster.verification.models import Claim, Verdict
 
-CUSTOM_RESOURCE = "gpu80gb"
 NAMESPACE = "rayhorde-verification"
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ def load_factory(path: str) -> Callable[..., Any]:
     if not callable(obj):
         raise TypeError(f"{path} is not callable")
     return obj
-
-
-class ActorExiting(RuntimeError):
-    """A warm verifier met between its idle exit decision and its death: use a fresh one."""
 
 
 @ray.remote(num_cpus=1, resources={CUSTOM_RESOURCE: 1}, max_restarts=0, max_task_retries=0)
@@ -98,7 +95,7 @@ class VerifierActor:
     def verify(self, claims_json: list[dict[str, Any]], margin: float) -> list[dict[str, Any]]:
         with self._lock:
             if self._verifier is None:
-                raise ActorExiting(f"verifier {self.name} closed after {self.batches} batches (idle)")
+                raise VerifierExiting(f"verifier {self.name} closed after {self.batches} batches (idle)")
             self.batches += 1
             try:
                 return self._verify(claims_json, margin)
@@ -151,7 +148,7 @@ def run_batch(address: str, claims: list[Claim] | list[dict[str, Any]], margin: 
             return _one_batch(claims_json, margin, factory, factory_kwargs, scale_up_timeout_s=scale_up_timeout_s,
                               verify_timeout_s=verify_timeout_s, close_timeout_s=close_timeout_s,
                               num_gpus=num_gpus, keep_warm_s=keep_warm_s)
-        except (ActorExiting, ray.exceptions.RayActorError) as exc:
+        except (VerifierExiting, ray.exceptions.RayActorError) as exc:
             # a warm actor that was exiting (idle) as this batch reached it: once more, on a fresh one
             if keep_warm_s <= 0 or attempt == 2:
                 raise
@@ -187,7 +184,7 @@ def _one_batch(claims_json: list[dict[str, Any]], margin: float, factory: str, f
             except Exception:  # noqa: BLE001 - the actor is killed below anyway
                 log.exception("verifier close() failed")
     except ray.exceptions.RayTaskError as exc:  # the actor's own exception, wrapped
-        if isinstance(exc.cause, ActorExiting):
+        if isinstance(exc.cause, VerifierExiting):
             raise exc.cause from exc
         raise
     finally:

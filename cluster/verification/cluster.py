@@ -1,14 +1,15 @@
 """The validator's private verification cluster: a Ray head whose autoscaler adds 80 GB GPU
 workers (``gpu80`` node type, custom resource ``gpu80gb``) for verification actors and removes
-them once idle (DESIGN.md sections 1 and 3).
+them once idle.
 
-Trust: this cluster is private to the validator; no miner ever joins it. Its token lives only in
+Trust: this cluster is private to the validator; no miner ever joins it (it runs the verifier
+that judges miners, so a miner on it could see or sway the judging). Its token lives only in
 validator-core and in the verification driver it starts, so that driver may be a Ray driver of
 THIS cluster (unlike the public one, whose results validator-core never unpickles).
 
-How it is started (Ray 2.60.0, measured on a 2-core box, see DESIGN §3):
-* ``ray start --head --block --autoscaling-config=<rendered configs/verification.yaml>``, every
-  port of the head explicit (``ray_node.HeadPorts``), token auth on (``ray_node.ray_env``),
+How it is started (Ray 2.60.0, measured on a 2-core box):
+* ``ray start --head --block --autoscaling-config=<rendered verification.yaml>``, every port of
+  the head explicit (``ports.HeadPorts``), token auth on (``ray_node.ray_env``),
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` so everything stays on 127.0.0.1, its own short temp
   dir. ``ray.cluster_utils.AutoscalingCluster`` is not used: it runs ``ray stop --force``.
 * Locally the provider is Ray's ``FakeMultiNodeProvider`` (``RAY_FAKE_CLUSTER=1``,
@@ -23,15 +24,17 @@ fake nodes outlive the monitor that started them (they are not kernel-fate-share
 passes ``spawn_reaper=False``) and rename themselves (``ray::IDLE``, ``ray::VerifierActor``...),
 so a process is ours when it is the head or one of its descendants, or when its working
 directory, command line or an open file lies under this cluster's temp dir (every fake node uses
-the head's temp dir and inherits its cwd ``<temp_dir>/cwd``). Every such process is recorded
-(pid + start time, so a reused pid is never signalled) with its listening ports, in
-``<home>/verification-cluster.json``, at start, on each ``workers()`` call and before stopping.
-``stop`` first SIGTERMs the head's ``ray start`` (it tears its own node down, monitor included,
-so nothing re-creates a node), then SIGTERM / SIGKILL every other recorded process (fake nodes'
-raylets ignore SIGTERM once the GCS is gone), rescanning the temp dir until none is left.
-``stop_recorded(state_file)`` does the same from the record alone, after a crash.
+the head's temp dir and inherits its cwd ``<temp_dir>/cwd``): ``processes.find_by_folder``.
+Every such process is recorded (pid + start time, so a reused pid is never signalled) with its
+listening ports, in ``<home>/verification-cluster.json``, at start, on each ``workers()`` call and
+before stopping. ``stop`` first SIGTERMs the head's ``ray start`` (it tears its own node down,
+monitor included, so nothing re-creates a node), then SIGTERM / SIGKILL every other recorded
+process (fake nodes' raylets ignore SIGTERM once the GCS is gone), rescanning the temp dir until
+none is left. ``stop_recorded(state_file)`` does the same from the record alone, after a crash.
 Measured here (2 cores): head ready ~5 s, scale-up (actor requested -> its constructor runs)
 ~3-7 s, scale-down (actor killed -> worker gone) ~4 s with a 3 s idle timeout, stop ~3-5 s.
+
+Batches run through :class:`~cluster.verification.client.VerificationClient` (``client()``).
 """
 from __future__ import annotations
 
@@ -39,9 +42,7 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -50,16 +51,18 @@ from typing import Any
 
 import yaml
 
+from cluster.fabric import processes as ptable
 from cluster.fabric import ray_node
-from cluster.fabric.ray_node import LOOPBACK, HeadPorts
-from cluster.verification.models import Claim, Verdict
+from cluster.fabric.ports import HeadPorts, find_free_port_base, ports_listened_by
+from cluster.resources import config_path
+from cluster.verification.client import VerificationClient
 
-REPO_ROOT = Path(ray_node._REPO_ROOT)
-CONFIG_PATH = REPO_ROOT / "configs" / "verification.yaml"
 CUSTOM_RESOURCE = "gpu80gb"
 WORKER_TYPE = "gpu80"
 HEAD_TYPE = "ray.head.default"
 FAKE_PROVIDER = "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider"
+# The head's ``ray start`` tears its node down in order on SIGTERM; after this it gets SIGKILL.
+HEAD_STOP_S = 30
 
 
 class VerificationCluster:
@@ -69,18 +72,16 @@ class VerificationCluster:
     files go to a short temp dir under /tmp (unix socket paths are limited to 107 bytes).
     """
 
-    def __init__(self, home: str | Path, *, config: str | Path = CONFIG_PATH, token: str | None = None,
+    def __init__(self, home: str | Path, *, config: str | Path | None = None, token: str | None = None,
                  port_base: int | None = None, name: str = "verif", idle_timeout_minutes: float | None = None,
                  max_workers: int | None = None, object_store_mb: int = 100,
                  extra_env: dict[str, str] | None = None, keep_temp: bool = False) -> None:
-        from cluster.devstack.local_stack import find_free_port_base, short_tmp
-
         self.home = Path(home).resolve()
-        self.config_path = Path(config)
+        self.config_path = Path(config or config_path("verification.yaml"))
         self.token = token or secrets.token_hex(24)
         # Below 32768: Linux' ephemeral range starts there, so outgoing connections can't take them.
         self.ports = HeadPorts.from_base(port_base or find_free_port_base(hi=32768))
-        self.temp_dir = short_tmp(self.home, name)
+        self.temp_dir = ray_node.short_tmp(self.home, name)
         self.idle_timeout_minutes = idle_timeout_minutes
         self.max_workers = max_workers
         self.object_store_mb = object_store_mb
@@ -90,7 +91,7 @@ class VerificationCluster:
         self.rendered_config = self.home / "verification.autoscaler.yaml"
         self.log_path = self.home / "logs" / "verification-head.log"
         self.head: subprocess.Popen | None = None
-        self._pids: dict[int, str] = {}  # pid -> /proc starttime (guards against pid reuse)
+        self._pids: dict[int, float] = {}  # pid -> start time (guards against pid reuse)
         self._ports: set[int] = set()  # every port a recorded process was seen listening on
         self.config: dict[str, Any] = {}
 
@@ -113,7 +114,7 @@ class VerificationCluster:
         return float(self.config.get("idle_timeout_minutes", 0)) * 60
 
     @property
-    def recorded_pids(self) -> dict[int, str]:
+    def recorded_pids(self) -> dict[int, float]:
         return dict(self._pids)
 
     @property
@@ -122,7 +123,7 @@ class VerificationCluster:
 
     # ------------------------------------------------------------------ config
     def render_config(self) -> dict[str, Any]:
-        """``configs/verification.yaml`` with this cluster's GCS address (and overrides)."""
+        """The shipped ``verification.yaml`` (or ``config``) with this cluster's GCS address (and overrides)."""
         cfg = yaml.safe_load(self.config_path.read_text())
         cfg["provider"]["gcs_address"] = self.gcs_address
         if self.idle_timeout_minutes is not None:
@@ -136,25 +137,11 @@ class VerificationCluster:
         return cfg
 
     def _head_cmd(self, head_resources: dict[str, Any]) -> list[str]:
-        p = self.ports
         res = {k: v for k, v in head_resources.items() if k not in ("CPU", "GPU", "object_store_memory")}
-        return [
-            os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block",
-            f"--autoscaling-config={self.rendered_config}",
-            f"--node-ip-address={LOOPBACK}", f"--port={p.gcs}",
-            "--include-dashboard=true", f"--dashboard-host={LOOPBACK}",
-            f"--dashboard-port={p.dashboard}", f"--ray-client-server-port={p.client_server}",
-            f"--dashboard-agent-grpc-port={p.dashboard_agent_grpc}",
-            f"--dashboard-agent-listen-port={p.dashboard_agent_http}",
-            f"--metrics-export-port={p.metrics_export}",
-            f"--runtime-env-agent-port={p.runtime_env_agent}",
-            f"--node-manager-port={p.node_manager}", f"--object-manager-port={p.object_manager}",
-            f"--min-worker-port={p.min_worker}", f"--max-worker-port={p.max_worker}",
-            f"--num-cpus={int(head_resources.get('CPU', 1))}", f"--num-gpus={int(head_resources.get('GPU', 0))}",
-            f"--resources={json.dumps(res)}",
-            f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
-            f"--temp-dir={self.temp_dir}", "--disable-usage-stats",
-        ]
+        return ray_node.head_command(self.ports, temp_dir=self.temp_dir, num_cpus=int(head_resources.get("CPU", 1)),
+                                     num_gpus=int(head_resources.get("GPU", 0)), resources=res,
+                                     object_store_mb=self.object_store_mb,
+                                     autoscaling_config=str(self.rendered_config))
 
     # ------------------------------------------------------------------ start
     def start(self, timeout_s: float = 90) -> "VerificationCluster":
@@ -170,20 +157,17 @@ class VerificationCluster:
         self.rendered_config.write_text(yaml.safe_dump(self.config, sort_keys=False))
         head_res = self.config["available_node_types"][self.config["head_node_type"]]["resources"]
         env = {
-            **ray_node.ray_env(self.token),
-            # A 2.60 head "drains" itself for up to 30 s on SIGTERM otherwise (see ray_node).
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            "TMPDIR": self.temp_dir,
+            **ray_node.head_env(self.token, self.temp_dir),
             # Fake nodes and their workers inherit this environment: actors and verifier
-            # factories ("module:callable") import rayhorde modules from the repo.
-            "PYTHONPATH": str(REPO_ROOT),
+            # factories ("module:callable") import rayhorde modules by name.
+            "PYTHONPATH": ray_node.python_path(),
             "RAY_FAKE_CLUSTER": "1",
             "AUTOSCALER_UPDATE_INTERVAL_S": "1",
             **self.extra_env,
         }
         self._save()
         try:
-            self.head = ray_node._spawn(self._head_cmd(head_res), env, str(self.log_path), self.cwd)
+            self.head = ray_node.spawn(self._head_cmd(head_res), env, str(self.log_path), self.cwd)
             self._record([self.head.pid])
             self._wait_ready(timeout_s)
             self.record()
@@ -265,23 +249,23 @@ class VerificationCluster:
             time.sleep(poll_s)
 
     # ------------------------------------------------------------------ processes
-    def processes(self) -> dict[int, str]:
+    def processes(self) -> dict[int, float]:
         """Live processes of this cluster right now: pid -> start time (see module docstring)."""
         roots = [self.head.pid] if self.head is not None and self.head.poll() is None else []
-        return _find_cluster_processes(self.temp_dir, roots)
+        return ptable.find_by_folder(self.temp_dir, roots)
 
     def _record(self, pids: list[int] | None = None) -> None:
-        table = _proc_table()
         for pid in pids or ():
-            if pid in table:
-                self._pids[pid] = table[pid][3]
+            row = ptable.look(pid)
+            if row is not None:
+                self._pids[pid] = row.started
         self._save()
 
-    def record(self) -> dict[int, str]:
+    def record(self) -> dict[int, float]:
         """Add every live process of this cluster (and the ports it listens on) to the record."""
         found = self.processes()
         self._pids.update(found)
-        self._ports.update(_listening_ports(found))
+        self._ports.update(ports_listened_by(found))
         self._save()
         return found
 
@@ -295,7 +279,7 @@ class VerificationCluster:
         tmp.replace(self.state_file)
 
     # ------------------------------------------------------------------ stop
-    def stop(self, timeout_s: float = 30) -> list[int]:
+    def stop(self, timeout_s: float = HEAD_STOP_S) -> list[int]:
         """Stop the head, then every other recorded or found process of this cluster, by PID.
 
         Returns the pids that were signalled. Safe to call twice."""
@@ -303,8 +287,8 @@ class VerificationCluster:
             self.record()
         signalled = list(self._pids)
         if self.head is not None and self.head.poll() is None:
-            _stop_head_leader(self.head, timeout_s)
-        _kill_recorded(self._pids, self.temp_dir, [])
+            _stop_head(self.head, timeout_s)
+        _kill_recorded(self._pids, self.temp_dir)
         if not self.keep_temp and os.path.isdir(self.temp_dir):
             shutil.rmtree(self.temp_dir, ignore_errors=True)
         self._pids.clear()
@@ -318,9 +302,9 @@ class VerificationCluster:
         pids = {int(p): s for p, s in state.get("pids", {}).items()}
         signalled = list(pids)
         head = state.get("head_pid")
-        if head and int(head) in pids and int(head) in _proc_table() and _proc_table()[int(head)][3] == pids[int(head)]:
-            _stop_head_leader(int(head), 30)
-        _kill_recorded(pids, state["temp_dir"], [])
+        if head and int(head) in pids and ptable.alive(int(head), pids[int(head)]):
+            _stop_head(int(head), HEAD_STOP_S, start=pids[int(head)])
+        _kill_recorded(pids, state["temp_dir"])
         # the next cluster of this home uses the same temp dir and refuses to start beside another
         shutil.rmtree(state["temp_dir"], ignore_errors=True)
         state["pids"] = {}
@@ -338,217 +322,20 @@ class VerificationCluster:
         self.stop()
 
 
-class BatchResult:
-    """What one verification batch returned: verdicts plus where and how fast it ran."""
-
-    def __init__(self, raw: dict[str, Any]) -> None:
-        self.raw = raw
-        self.verdicts = [Verdict.model_validate(v) for v in raw["verdicts"]]
-        self.actor: dict[str, Any] = raw["actor"]
-        self.timings: dict[str, float] = raw["timings"]
-
-
-class VerificationClient:
-    """Runs verification batches on the private cluster from a separate driver process.
-
-    Why a subprocess (``python -m cluster.verification.actors run-batch``) and not
-    ``ray.init`` here: a process can be the driver of one Ray cluster only, and Ray reads
-    ``RAY_AUTH_TOKEN`` / ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` from its environment, process-wide;
-    the caller (validator-core, or a pytest process already connected to the public cluster)
-    must not mix them. Ray Client (``ray://``) would need the client server and the same
-    process-wide token. The subprocess gets ``ray_env(token)`` (an allow-listed environment) and
-    exchanges only JSON files with the caller.
-    """
-
-    def __init__(self, gcs_address: str, token: str, *, work_dir: str | Path,
-                 extra_env: dict[str, str] | None = None) -> None:
-        self.gcs_address = gcs_address
-        self.token = token
-        self.work_dir = Path(work_dir)
-        self.extra_env = dict(extra_env or {})
-
-    def run_batch(self, claims: list[Claim], margin: float, factory: str,
-                  factory_kwargs: dict[str, Any] | None = None, *, timeout_s: float = 900,
-                  scale_up_timeout_s: float = 300, verify_timeout_s: float = 600,
-                  num_gpus: float = 0, keep_warm_s: float = 0) -> BatchResult:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        tag = f"{int(time.time() * 1000)}-{secrets.token_hex(3)}"
-        claims_path = self.work_dir / f"claims-{tag}.json"
-        out_path = self.work_dir / f"verdicts-{tag}.json"
-        log_path = self.work_dir / f"driver-{tag}.log"
-        claims_path.write_text(json.dumps([c.model_dump(mode="json") for c in claims]))
-        cmd = [sys.executable, "-m", "cluster.verification.actors", "run-batch",
-               f"--address={self.gcs_address}", f"--claims={claims_path}", f"--out={out_path}",
-               f"--margin={margin}", f"--factory={factory}",
-               f"--factory-kwargs={json.dumps(factory_kwargs or {})}",
-               f"--scale-up-timeout-s={scale_up_timeout_s}", f"--verify-timeout-s={verify_timeout_s}",
-               f"--num-gpus={num_gpus}", f"--keep-warm-s={keep_warm_s}"]
-        env = {**ray_node.ray_env(self.token), "PYTHONPATH": str(REPO_ROOT), **self.extra_env}
-        with open(log_path, "ab", buffering=0) as log:
-            proc = subprocess.Popen(cmd, env=env, cwd=str(self.work_dir), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            ray_node.stop_process(proc)
-            raise TimeoutError(f"verification driver timed out after {timeout_s:.0f}s: {_tail(log_path)}")
-        finally:
-            claims_path.unlink(missing_ok=True)
-        if rc != 0 or not out_path.exists():
-            raise RuntimeError(f"verification driver failed (rc={rc}): {_tail(log_path)}")
-        raw = json.loads(out_path.read_text())
-        out_path.unlink()
-        return BatchResult(raw)
-
-
-def _tail(path: Path, n: int = 4000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
-# ---------------------------------------------------------------------- /proc helpers (Linux)
-_proc_table = ray_node._proc_table
-
-
-def _under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def _find_cluster_processes(temp_dir: str, roots: list[int]) -> dict[int, str]:
-    """pid -> start time of every live process that is a descendant of ``roots`` or whose cwd,
-    command line or an open file lies under ``temp_dir``. Never this process or its ancestors."""
-    table = _proc_table()
-    me, exclude = os.getpid(), set()
-    while me in table and me not in exclude and me > 1:
-        exclude.add(me)
-        me = table[me][0]
-    found: dict[int, str] = {}
-    for root in roots:
-        if root in table and table[root][2] != "Z":
-            found[root] = table[root][3]
-        for pid, start in ray_node._descendants(root).items():
-            found[pid] = start
-    uid = os.getuid()
-    for pid, (_, _, state, start) in table.items():
-        if pid in found or pid in exclude or state == "Z":
-            continue
-        try:
-            if os.stat(f"/proc/{pid}").st_uid != uid:
-                continue
-            if _under(os.readlink(f"/proc/{pid}/cwd"), temp_dir):
-                found[pid] = start
-                continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if temp_dir.encode() + b"/" in f.read():
-                    found[pid] = start
-                    continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    if _under(os.readlink(f"/proc/{pid}/fd/{fd}"), temp_dir):
-                        found[pid] = start
-                        break
-                except OSError:
-                    pass
-        except OSError:
-            continue
-    return found
-
-
-def _tcp_listeners() -> list[tuple[str, int]]:
-    """(socket inode, port) of every listening TCP socket on this host, v4 and v6."""
-    out = []
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(name) as f:
-                next(f)
-                for line in f:
-                    parts = line.split()
-                    if parts[3] == "0A":  # LISTEN
-                        out.append((parts[9], int(parts[1].rsplit(":", 1)[1], 16)))
-        except OSError:
-            pass
-    return out
-
-
-def _listening_ports(pids: dict[int, str] | list[int]) -> set[int]:
-    """TCP ports (v4 and v6) on which any of ``pids`` has a listening socket."""
-    inodes = dict(_tcp_listeners())
-    ports = set()
-    for pid in pids:
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                try:
-                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    ports.add(inodes[link[8:-1]])
-        except OSError:
-            continue
-    return ports
-
-
-def listening_ports(ports: set[int]) -> set[int]:
-    """Which of ``ports`` have a listening TCP socket on this host right now (any process)."""
-    return {port for _, port in _tcp_listeners() if port in ports}
-
-
-def _stop_head_leader(head: subprocess.Popen | int, timeout_s: float) -> None:
+def _stop_head(head: subprocess.Popen | int, timeout_s: float, start: float | None = None) -> None:
     """SIGTERM ``ray start --head --block`` and wait for IT to exit: it tears down its own node
     (GCS, raylet, monitor, dashboard) in order. Not ``ray_node.stop_process``: that waits for
     the whole process group, and the autoscaler's fake nodes are in it too; without a GCS
     their raylets wait ~30 s to reconnect, so they are killed afterwards by ``_kill_recorded``
     (after the monitor is gone, so nothing re-creates them)."""
-    pid = head.pid if isinstance(head, subprocess.Popen) else head
-
-    def gone() -> bool:
-        if isinstance(head, subprocess.Popen):
-            return head.poll() is not None
-        entry = _proc_table().get(pid)
-        return entry is None or entry[2] == "Z"
-
-    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
-        if gone():
-            return
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait_s
-        while not gone() and time.monotonic() < deadline:
-            time.sleep(0.1)
+    ptable.stop_one(head, timeout_s, start)
 
 
-def _kill_recorded(pids: dict[int, str], temp_dir: str, roots: list[int], grace_s: float = 1.5) -> None:
-    """SIGTERM, then SIGKILL, every recorded pid still alive with the same start time, then
-    rescan ``temp_dir`` for late ones (a raylet may start a worker meanwhile) until none is left.
+def _kill_recorded(pids: dict[int, float], temp_dir: str) -> None:
+    """SIGTERM, then SIGKILL, every recorded process still alive, then rescan ``temp_dir`` for
+    late ones (a raylet may start a worker meanwhile) until none is left.
 
     The grace is short on purpose: it runs after the head is gone, and a fake node's raylet and
     runtime-env agent ignore SIGTERM for >10 s without a GCS (measured); the dashboard's
     forkserver children and drivers exit on SIGTERM within ~0.1-3 s."""
-    for _ in range(5):
-        table = _proc_table()
-        live = {p for p, s in pids.items() if p in table and table[p][3] == s and table[p][2] != "Z"}
-        if not live:
-            found = _find_cluster_processes(temp_dir, roots)
-            if not found:
-                return
-            pids.update(found)
-            continue
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 3.0)):
-            for p in live:
-                try:
-                    os.kill(p, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                table = _proc_table()
-                live = {p for p in live if p in table and table[p][3] == pids[p] and table[p][2] != "Z"}
-                if not live:
-                    break
-                time.sleep(0.1)
-            if not live:
-                break
+    ptable.kill_recorded(pids, lambda: ptable.find_by_folder(temp_dir), grace_s=1.5)

@@ -1,5 +1,7 @@
 """Pulling answers from a miner's proxy and checking everything that can be checked without the
-model (DESIGN §1 points 5 and 9, §2 "Verification").
+model. Every streaming answer carries a receipt signed by the job key and counter-signed by the
+miner, and receipts are chained per job so that a miner cannot hide an answer: a gap or a fork
+in the chain counts as a failed verification.
 
 For one streaming job, :func:`pull` asks the miner's proxy for the receipts after the last one
 collected (a ``receipts_pull`` envelope signed by the validator hotkey) and checks, in ``seq``
@@ -10,7 +12,8 @@ order, each item's
   previous one with ``prev_sha256`` = its digest. A missing seq is an answer the miner did not
   hand over: ``chain_gap``, a failed verification, never silently skipped;
 - client envelope: canonical, signed by a key registered for the job, for this job, with the
-  request body's hash, and ``sha256(envelope)`` = the receipt's request id (the sampling key).
+  request body's hash, and ``sha256(envelope)`` = the receipt's request id (the sampling key):
+  :func:`~cluster.verification.binding.bind_claim`.
 
 Items that pass become :class:`Claim` s (the verifier scores the model's side); items that fail
 become failed :class:`Verdict` s with the reason. Nothing here trusts the miner's JSON beyond
@@ -20,19 +23,19 @@ what the signatures bind.
 from __future__ import annotations
 
 import base64
-import hashlib
 from dataclasses import dataclass, field
 
 import httpx
 from pydantic import ValidationError
 
+from cluster.errors import ClaimRejected, ReceiptInvalid
 from cluster.protocol.envelope import seal
 from cluster.protocol.identity import Hotkey
 from cluster.protocol.messages import ReceiptsPull
-from cluster.verification.models import Claim, Verdict
-from cluster.protocol.client_envelope import RequestEnvelope
 from cluster.protocol.keys import PublicKey
-from cluster.protocol.receipts import Receipt, ReceiptBody, ReceiptInvalid, verify_receipt
+from cluster.protocol.receipts import Receipt, ReceiptBody, verify_receipt
+from cluster.verification.binding import RECEIPT, bind_claim
+from cluster.verification.models import Claim, Verdict
 
 
 @dataclass
@@ -89,18 +92,12 @@ def pull(source: StreamSource, validator: Hotkey, http: httpx.Client, *, limit: 
         except ReceiptInvalid as exc:
             out.failures.append(_failed(source, body.request_id, "chain_gap" if exc.check == "chain" else
                                         f"receipt_{exc.check}", exc.message))
-        except _Bad as exc:
+        except ClaimRejected as exc:
             out.failures.append(_failed(source, body.request_id, exc.reason, exc.message))
         else:
             out.claims.append(claim)
         out.last_seq, out.last_body = body.seq, body
     return out
-
-
-class _Bad(Exception):
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason, self.message = reason, message
 
 
 def _check(source: StreamSource, receipt: Receipt, item: dict, *, prev: ReceiptBody | None) -> Claim:
@@ -110,25 +107,18 @@ def _check(source: StreamSource, receipt: Receipt, item: dict, *, prev: ReceiptB
         envelope = base64.b64decode(item["envelope_b64"], validate=True)
         client_sig = str(item["client_sig"])
     except (KeyError, ValueError) as exc:
-        raise _Bad("malformed_record", f"the proxy's record lacks the bodies or the envelope: {exc!r}") from exc
+        raise ClaimRejected("malformed_record", f"the proxy's record lacks the bodies or the envelope: {exc!r}") from exc
     verify_receipt(receipt, job_id=source.job_id, job_key=source.job_key, miner_hotkey=source.miner_hotkey,
                    sent_body=request, received_body=response, prev=prev)
     try:
-        env = RequestEnvelope.model_validate_json(envelope)
-    except ValidationError as exc:
-        raise _Bad("client_envelope", f"not a request envelope: {exc.error_count()} problems") from exc
-    if env.canonical() != envelope:
-        raise _Bad("client_envelope", "the request envelope is not canonical")
-    if hashlib.sha256(envelope).hexdigest() != receipt.body.request_id:
-        raise _Bad("client_envelope", "the receipt's request id is not sha256 of the client's envelope "
-                   "(the sampling key would be the miner's choice)")
-    if env.job_id != source.job_id or env.body_sha256 != receipt.body.input_sha256:
-        raise _Bad("client_envelope", "the client's envelope names another job or another request body")
-    if env.client_key not in source.client_keys or not env.client_key.verify(envelope, client_sig):
-        raise _Bad("client_signature", "the request was not signed by a client key registered for the job")
-    return Claim(job_id=source.job_id, miner_hotkey=source.miner_hotkey, weights_sha256=source.weights_sha256 or "0" * 64,
-                 route_prefix=source.route_prefix, envelope=envelope, client_sig=client_sig, request_body=request,
-                 response_body=response, receipt=receipt)
+        bind_claim(envelope, receipt.body, request_body=request, response_body=response, job_id=source.job_id,
+                   miner_hotkey=source.miner_hotkey, client_sig=client_sig, client_keys=source.client_keys)
+    except ReceiptInvalid as exc:  # the envelope's checks keep their own reasons
+        raise ClaimRejected(f"receipt_{exc.check}" if exc.check == RECEIPT else exc.check, exc.message) from exc
+    return Claim(job_id=source.job_id, miner_hotkey=source.miner_hotkey,
+                 weights_sha256=source.weights_sha256 or "0" * 64, route_prefix=source.route_prefix,
+                 envelope=envelope, client_sig=client_sig, request_body=request, response_body=response,
+                 receipt=receipt)
 
 
 def _failed(source: StreamSource, request_id: str, reason: str, message: str) -> Verdict:

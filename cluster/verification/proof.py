@@ -1,4 +1,4 @@
-"""A self-contained proof of a verdict (issue 5): anyone holding the model can check it.
+"""A self-contained proof of a verdict: anyone holding the model can check it.
 
     proof = canonical JSON of {v, claim, readiness, weights_sha256, margin, verdict, validator}
             + "sig": the validator hotkey's signature over the canonical JSON without "sig"
@@ -7,7 +7,8 @@
 must be exactly canonical (any edited byte, whitespace included, fails), the validator's
 signature must verify, the readiness must be the miner's signature binding the job key and the
 weights digest, the receipt must carry both signatures over the two bodies, the request must be
-signed by the client with ``sha256(envelope)`` = the request id (the sampling key), and re-scoring
+signed by the client with ``sha256(envelope)`` = the request id (the sampling key)
+(:func:`~cluster.verification.binding.bind_claim`), and re-scoring
 the claim with the same model and margin must give the same verdict (reason and position).
 
 CLI: ``rayhorde verify-proof PROOF.json [--model-dir DIR]``.
@@ -15,7 +16,6 @@ CLI: ``rayhorde verify-proof PROOF.json [--model-dir DIR]``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Callable
 
@@ -24,22 +24,14 @@ from pydantic import BaseModel, ValidationError
 from cluster.protocol.canonical import canonical_bytes
 from cluster.protocol.envelope import SignedEnvelope, open_envelope
 from cluster.protocol.identity import Hotkey, verify_signature
-from cluster.verification.models import Claim, Verdict
-from cluster.errors import ExternalError, SignatureRejected
-from cluster.protocol.client_envelope import RequestEnvelope
+from cluster.errors import ProofInvalid, ReceiptInvalid, SignatureRejected
+from cluster.protocol.receipts import verify_receipt
 from cluster.protocol.streams import READY_KIND, StreamReady
-from cluster.protocol.receipts import ReceiptInvalid, verify_receipt
+from cluster.verification.binding import bind_claim
+from cluster.verification.models import Claim, Verdict
 
 PROOF_VERSION = 1
 Rescorer = Callable[[Claim, float], Verdict]
-
-
-class ProofInvalid(ExternalError):
-    """A proof failed a check; ``check`` names which."""
-
-    def __init__(self, check: str, message: str) -> None:
-        super().__init__(f"proof refused ({check}): {message}")
-        self.check, self.message = check, message
 
 
 class Proof(BaseModel):
@@ -105,13 +97,12 @@ def check_proof(raw: bytes, *, rescore: Rescorer | None = None) -> Proof:
     except ReceiptInvalid as exc:
         raise ProofInvalid(f"receipt_{exc.check}", exc.message) from exc
     try:
-        env = RequestEnvelope.model_validate_json(claim.envelope)
-    except ValidationError as exc:
-        raise ProofInvalid("client_envelope", "not a request envelope") from exc
-    if (hashlib.sha256(claim.envelope).hexdigest() != claim.receipt.body.request_id
-            or env.body_sha256 != claim.receipt.body.input_sha256 or not env.client_key.verify(claim.envelope,
-                                                                                           claim.client_sig)):
-        raise ProofInvalid("client_envelope", "the request is not the one the client signed for this receipt")
+        bind_claim(claim.envelope, claim.receipt.body, request_body=claim.request_body,
+                   response_body=claim.response_body, job_id=claim.job_id, miner_hotkey=claim.miner_hotkey,
+                   client_sig=claim.client_sig)
+    except ReceiptInvalid as exc:
+        raise ProofInvalid(exc.check, f"the request is not the one the client signed for this receipt: "
+                           f"{exc.message}") from exc
     if verdict.request_id != claim.request_id or verdict.weights_sha256 != proof.weights_sha256:
         raise ProofInvalid("verdict", "the verdict is about another request or other weights")
     if rescore is not None:

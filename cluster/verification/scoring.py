@@ -8,9 +8,10 @@ verifier needs: the greedy check compares the claimed token with the top-1, and 
 check (sampling among the top ``k <= 20``) recomputes the choice from the top-``k`` log-probabilities,
 since adding a constant to a row of logits changes no choice (``gumbel`` module docstring).
 
-One module per implementation, chosen by name (:func:`open_backend`); what an implementation can
-or cannot do is declared in :attr:`ScoringBackend.capabilities`, never discovered with
-``isinstance``:
+This module is the interface. One module per implementation, which imports this one (never the
+other way round), chosen by name in :mod:`.scoring_backends` (``open_backend``); what an
+implementation can or cannot do is declared in :attr:`ScoringBackend.features`, never
+discovered with ``isinstance``:
 
 - ``vllm`` (:mod:`.scoring_vllm`): ``SamplingParams(max_tokens=1, prompt_logprobs=20)`` over each
   claim, many claims in ONE engine call (batched prefill); the production path (CUDA on the
@@ -37,12 +38,12 @@ from serve_apps.inference.gumbel import MAX_TOP_K
 
 TOP_K = MAX_TOP_K  # vLLM's prompt_logprobs cover at most 20 tokens; keyed sampling draws among <= 20
 DTYPES = ("float32", "bfloat16")
-BACKENDS = ("vllm", "transformers")
 
 
-class ScoringCapability(str, enum.Enum):
-    BATCHED_PREFILL = "batched_prefill"  # many claims share one engine call (one prefill pass each)
-    FULL_VOCAB = "full_vocab"  # the backend sees whole rows (else the top 20 plus the claimed token)
+class ScoringFeature(enum.Flag):
+    NONE = 0
+    BATCHED_PREFILL = enum.auto()  # many claims share one engine call (one prefill pass each)
+    FULL_VOCAB = enum.auto()  # the backend sees whole rows (else the top 20 plus the claimed token)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class ScoringBackend(ABC):
 
     name: str  # "vllm" / "transformers"
     dtype: str
-    capabilities: frozenset[ScoringCapability] = frozenset()
+    features: ScoringFeature = ScoringFeature.NONE
     model_dir: Path
     vocab_size: int  # the model's logits width: claimed ids must lie below it
     start_s: float = 0.0  # seconds to load and warm up
@@ -81,18 +82,3 @@ class ScoringBackend(ABC):
     @property
     def label(self) -> str:
         return f"{self.name}-{self.dtype}"
-
-
-def open_backend(kind: str, model_dir: str | Path, *, dtype: str = "float32", **options) -> ScoringBackend:
-    """Load and warm up the backend ``kind`` (one of :data:`BACKENDS`) on ``model_dir``."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if kind == "vllm":
-        from cluster.verification.scoring_vllm import VLLMScorer
-
-        return VLLMScorer(Path(model_dir), dtype=dtype, **options)
-    if kind == "transformers":
-        from cluster.verification.scoring_transformers import TransformersScorer
-
-        return TransformersScorer(Path(model_dir), dtype=dtype, **options)
-    raise ValueError(f"scoring backend must be one of {BACKENDS}, got {kind!r}")

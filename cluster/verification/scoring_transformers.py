@@ -16,12 +16,12 @@ from typing import Sequence
 
 import numpy as np
 
-from cluster.verification.scoring import TOP_K, PositionScores, ScoringBackend, ScoringCapability
+from cluster.verification.scoring import TOP_K, PositionScores, ScoringBackend, ScoringFeature
 
 
 class TransformersScorer(ScoringBackend):
     name = "transformers"
-    capabilities = frozenset({ScoringCapability.FULL_VOCAB})
+    features = ScoringFeature.FULL_VOCAB
 
     def __init__(self, model_dir: Path, *, dtype: str = "float32", weights_sha256: str | None = None) -> None:
         from serve_apps.inference.transformers_engine import TransformersEngine

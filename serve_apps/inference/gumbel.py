@@ -2,9 +2,10 @@
 
 Why: an ordinary sample cannot be checked (any token with non-zero probability is "valid"), so a
 miner could return cheap or convenient text. Gumbel-max sampling with noise derived from a key
-the miner does not choose (the request id = sha256 of the client-signed request envelope,
-DESIGN §2 / §6) makes every sampled token a deterministic function of (model, prompt, key), so a
-verifier checks it like a greedy one: one prefill pass, then this same function per position.
+the miner does not choose (the request id = sha256 of the client-signed request envelope; a
+miner that could vary the key could shop for convenient samples) makes every sampled token a
+deterministic function of (model, prompt, key), so a verifier checks it like a greedy one: one
+prefill pass, then this same function per position.
 This definition is a wire-level contract between the LLM app and its verifiers; change it only
 under a new version number.
 

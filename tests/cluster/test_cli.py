@@ -1,4 +1,5 @@
-"""The `rayhorde` CLI against the running local stack: job run / status / logs / list / cancel, scores."""
+"""The `rayhorde` CLI against the running local stack: job run / status / logs / list / cancel, scores,
+streams, and the demo's `ray job submit` of the shipped example from outside the checkout."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
+from cluster.cli.demo import ray_job_submit
 from cluster.cli.main import main
 from tests.conftest import HELLO, IMAGE
 
@@ -85,3 +87,9 @@ def test_stream_deploy_call_status_terminate(stack):
     assert ended.stdout.strip() == f"stream {job_id}: completed"
     again = CliRunner().invoke(main, ["stream", "terminate", "--home", str(stack.home), job_id])
     assert again.exit_code == 2 and "already_finished" in again.stderr
+
+
+def test_the_demo_submits_the_shipped_example_from_a_temporary_working_dir(stack):
+    done = ray_job_submit(stack.state, stack.capability, "hello.py")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "artifact /artifacts/stuff = 'Hello, rayhorde!\\n'" in done.stdout

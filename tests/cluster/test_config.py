@@ -7,26 +7,27 @@ import pytest
 
 from cluster.chain import LocalChain
 from cluster.protocol.identity import load_or_create_wallet
-from cluster.settings import REPO_ROOT, MinerSettings, ValidatorSettings, load_executor_classes, load_settings
+from cluster.resources import config_path
+from cluster.settings import MinerSettings, ValidatorSettings, load_executor_classes, load_settings
 from cluster.errors import ConfigError
 
 
 def test_sample_configs_load():
-    v = load_settings(ValidatorSettings, REPO_ROOT / "configs/validator.local.toml", env_prefix="X_NONE_")
+    v = load_settings(ValidatorSettings, config_path("validator.local.toml"), env_prefix="X_NONE_")
     assert v.port == 8750 and v.users
-    m = load_settings(MinerSettings, REPO_ROOT / "configs/miner.local.toml", env_prefix="X_NONE_")
+    m = load_settings(MinerSettings, config_path("miner.local.toml"), env_prefix="X_NONE_")
     assert m.executor_classes == {"always_on.test": 2}
-    classes = load_executor_classes(REPO_ROOT / "configs/executor_classes.toml")
+    classes = load_executor_classes(config_path("executor_classes.toml"))
     assert {"always_on.test", "always_on.gpu-24gb", "spin_up-4min.gpu-24gb", "always_on.llm.a6000",
             "always_on.cpu.8c.16gb"} <= set(classes)
-    mg = LocalChain(REPO_ROOT / "configs/metagraph.local.json").metagraph(12)
+    mg = LocalChain(config_path("metagraph.local.json")).metagraph(12)
     assert [n.validator_permit for n in mg.neurons] == [True, False, False]
 
 
 def test_environment_overrides_file(monkeypatch):
     monkeypatch.setenv("RAYHORDE_VALIDATOR_PORT", "9123")
     monkeypatch.setenv("RAYHORDE_VALIDATOR_USERS", '["a", "b"]')
-    v = load_settings(ValidatorSettings, REPO_ROOT / "configs/validator.local.toml", env_prefix="RAYHORDE_VALIDATOR_")
+    v = load_settings(ValidatorSettings, config_path("validator.local.toml"), env_prefix="RAYHORDE_VALIDATOR_")
     assert v.port == 9123 and v.users == ["a", "b"]
 
 
@@ -46,7 +47,7 @@ def test_malformed_metagraph_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="invalid SS58 hotkeys"):
         LocalChain(path).metagraph(12)
     with pytest.raises(ConfigError, match="is for netuid 12, not 13"):
-        LocalChain(REPO_ROOT / "configs/metagraph.local.json").metagraph(13)
+        LocalChain(config_path("metagraph.local.json")).metagraph(13)
 
 
 def test_wallet_created_once_with_private_permissions(tmp_path):
@@ -58,3 +59,33 @@ def test_wallet_created_once_with_private_permissions(tmp_path):
     (tmp_path / "m.json").write_text("{")
     with pytest.raises(ConfigError, match="unreadable"):
         load_or_create_wallet(tmp_path, "m")
+
+
+def test_relative_paths_follow_the_config_file_not_the_checkout(tmp_path, monkeypatch):
+    """A config folder moves as a whole: its relative paths name files beside it; relative paths
+    from the environment are relative to the current directory; defaults are the shipped files."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "classes.toml").write_text(config_path("executor_classes.toml").read_text())
+    (folder / "v.toml").write_text('executor_classes_path = "classes.toml"\nmetagraph_path = "sub/mg.json"\n')
+    monkeypatch.chdir(tmp_path)
+    v = load_settings(ValidatorSettings, folder / "v.toml", env_prefix="X_NONE_")
+    assert v.executor_classes_path == folder / "classes.toml" and "always_on.test" in load_executor_classes(
+        v.executor_classes_path)
+    assert v.metagraph_path == folder / "sub" / "mg.json"
+    assert v.whitelist_path == config_path("serve_apps.toml")  # not set: the shipped default
+    monkeypatch.setenv("X_WHITELIST_PATH", "mine/apps.toml")
+    v = load_settings(ValidatorSettings, folder / "v.toml", env_prefix="X_")
+    assert v.whitelist_path == tmp_path / "mine" / "apps.toml"
+
+
+def test_unknown_shipped_config_is_a_clear_error():
+    with pytest.raises(ConfigError, match="ships no config 'nope.toml'; shipped: .*validator.local.toml"):
+        config_path("nope.toml")
+
+
+def test_a_verifier_factory_named_before_the_move_still_resolves(tmp_path):
+    cfg = tmp_path / "v.toml"
+    cfg.write_text('verifier_factory = "cluster._private.verification.verifier:Verifier"\n')
+    v = load_settings(ValidatorSettings, cfg, env_prefix="X_NONE_")
+    assert v.verifier_factory == "cluster.verification.verifier:Verifier"

@@ -1,4 +1,5 @@
-"""The signed envelope: canonical bytes, signatures, clock skew and replays (DESIGN §1 point 6, §6)."""
+"""The signed envelope: canonical bytes, signatures, clock skew and replays (every signed message
+carries a time and a nonce; a replay or a skewed clock is refused)."""
 
 import pytest
 

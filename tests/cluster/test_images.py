@@ -1,7 +1,7 @@
-"""Images (issue 3, "Done when" 8, first part): pulls by digest from a real local registry
-(Debian's docker-registry, started by scripts/registry.sh, one instance without and one with
-basic auth), the pull limit, registry errors mapped to reasons, the validator's allow/deny
-policy, and the GPU toolkit refusal (this machine has no GPU and no toolkit).
+"""Images: pulls by digest from a real local registry (Debian's docker-registry, started by
+scripts/registry.sh, one instance without and one with basic auth), the pull limit, registry
+errors mapped to reasons, the validator's allow/deny policy, and the GPU toolkit refusal (this
+machine has no GPU and no toolkit).
 
 What dockerd actually does, and so what these tests pin down:
 - a well-formed digest the registry does not have is "manifest unknown": ``image_pull_failed``;
@@ -27,12 +27,11 @@ import docker
 import docker.errors
 import pytest
 
+from cluster.errors import GpuUnsupported, ImageDenied, ImagePullFailed, InvalidImageReference
 from cluster.miner.docker_runtime import PULL_THREAD_PREFIX, DockerRuntime
-from cluster.protocol.images import (
-    GpuUnsupported, ImageDenied, ImagePolicy, ImagePullFailed, InvalidImageReference, ToolkitVersion,
-    check_gpu_support, digest_matches, nvidia_toolkit_version, parse_reference, parse_toolkit_version,
-)
+from cluster.miner.gpu import ToolkitVersion, check_gpu_support, nvidia_toolkit_version, parse_toolkit_version
 from cluster.miner.runtime import ContainerRun, RuntimeFeature
+from cluster.protocol.images import ImagePolicy, digest_matches, parse_reference
 from tests.conftest import DOCKER_HOST, IMAGE, REPO
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,8 @@ import httpx
 import psutil
 import pytest
 
-from cluster.cli.demo import listening_sockets, process_tree
+from cluster.fabric.ports import listening_sockets
+from cluster.fabric.processes import process_tree
 from cluster.devstack.local_stack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

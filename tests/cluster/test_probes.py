@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
 from cluster.validator.probes import probe_prompt
-from cluster.validator.service import ValidatorCore
+from cluster.validator.core import ValidatorCore
 from cluster.protocol.keys import SigningKey
 from cluster.protocol.streams import StreamSpec
 from tests.cluster.test_scoring import ScoringHarness

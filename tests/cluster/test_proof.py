@@ -15,7 +15,8 @@ from cluster.protocol.envelope import seal
 from cluster.protocol.identity import Hotkey
 from cluster.verification.collector import pull
 from cluster.verification.models import Verdict
-from cluster.verification.proof import ProofInvalid, check_proof, make_proof
+from cluster.errors import ProofInvalid
+from cluster.verification.proof import check_proof, make_proof
 from cluster.protocol.streams import READY_KIND, StreamReady
 from tests.cluster.test_collector import MINER, VALIDATOR, served  # noqa: F401 (fixture)
 

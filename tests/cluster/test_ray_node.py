@@ -1,19 +1,17 @@
 """Integration test of cluster.fabric.ray_node: a head and two worker nodes on loopback.
 
-Why (DESIGN.md section 3, Ray 2.60.0):
-* Ports come from a random 64-aligned base below 32768 (Linux' ephemeral range starts there, so
+Why (Ray 2.60.0):
+* Ports come from a random free block below 32768 (Linux' ephemeral range starts there, so
   Ray's own outgoing connections can't take them); every port of every node is explicit.
 * The temp dir is /tmp/rh-<random>: unix socket paths are limited to 107 bytes.
 * The driver runs in a subprocess with ``ray_env(token)``: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``
   is read when ``ray`` is imported (already done here), and the driver must hold the token.
   It stays connected until its stdin closes, so its workers are alive for the listener check.
-* psutil is not a dependency of ray[default] 2.60: Ray vendors it, importable after ``import ray``.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -23,11 +21,11 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
-import ray  # noqa: F401  (puts ray/thirdparty_files, with psutil, on sys.path)
 import psutil
+import pytest
 
 from cluster.fabric import ray_node as rn
+from cluster.fabric.ports import PORT_BLOCK, HeadPorts, find_free_port_base
 
 pytestmark = pytest.mark.integration
 
@@ -50,31 +48,13 @@ ray.shutdown()
 """
 
 
-def _ports_free(base: int, count: int) -> bool:
-    for port in range(base, base + count):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
-def _free_base(nodes: int) -> int:
-    for _ in range(50):
-        base = 20000 + random.randrange(0, (32768 - 20000) // rn.PORT_BLOCK - nodes) * rn.PORT_BLOCK
-        if _ports_free(base, nodes * rn.PORT_BLOCK):
-            return base
-    raise RuntimeError("no free port block")
-
-
 class LocalCluster:
     def __init__(self):
         self.token = os.urandom(24).hex()
         self.root = tempfile.mkdtemp(prefix="rh-", dir="/tmp")
-        base = _free_base(1 + len(WORKERS))
-        self.ports = rn.HeadPorts.from_base(base)
-        self.worker_bases = {n: base + (i + 1) * rn.PORT_BLOCK for i, n in enumerate(WORKERS)}
+        base = find_free_port_base(hi=32768, block=PORT_BLOCK * (1 + len(WORKERS)))
+        self.ports = HeadPorts.from_base(base)
+        self.worker_bases = {n: base + (i + 1) * PORT_BLOCK for i, n in enumerate(WORKERS)}
         self.procs: dict[str, subprocess.Popen] = {}
         self.node_ids: dict[str, str] = {}
         self.cwds: dict[str, str] = {}
@@ -117,7 +97,7 @@ class LocalCluster:
 
     def start_driver(self) -> dict:
         os.mkdir(f"{self.root}/driver")
-        env = {**rn.ray_env(self.token), "PYTHONPATH": rn._REPO_ROOT}
+        env = {**rn.ray_env(self.token), "PYTHONPATH": rn.python_path()}
         proc = subprocess.Popen([sys.executable, "-c", DRIVER, self.ports.gcs_address], env=env,
                                 cwd=f"{self.root}/driver", stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -200,7 +180,7 @@ def test_every_listener_is_on_loopback(cluster):
     ports = {port for _, port, _ in listeners}
     assert {cluster.ports.gcs, cluster.ports.dashboard} <= ports
     for name, base in cluster.worker_bases.items():
-        assert rn.HeadPorts.from_base(base).node_manager in ports, name
+        assert HeadPorts.from_base(base).node_manager in ports, name
     assert not [entry for entry in listeners if entry[0] not in LOOPBACK_ADDRS], listeners
 
 

@@ -16,7 +16,8 @@ from cluster.protocol.identity import Hotkey, offset_clock
 from cluster.miner.agent import AgentCore
 from cluster.miner.docker_runtime import DockerRuntime
 from cluster.protocol.messages import Challenge, ChallengeRequest, JoinRequest, SpecGrant, Ticket, TicketFetch
-from cluster.settings import REPO_ROOT, load_executor_classes
+from cluster.resources import config_path
+from cluster.settings import load_executor_classes
 from cluster.protocol.user import request_capability
 from cluster.protocol.version import local_versions
 from cluster.errors import AdmissionRefused, CapabilityRefused, SignatureRejected, TicketRefused
@@ -80,7 +81,7 @@ def test_agent(stack, tmp_path_factory):
     def make(uri: str, clock=None) -> AgentCore:
         return AgentCore(hotkey=Hotkey.from_uri(uri), validator_hotkey=VALIDATOR.ss58,
                          validator=ServiceClient(stack.validator_url), runtime=DockerRuntime(DOCKER_HOST),
-                         classes=load_executor_classes(REPO_ROOT / "configs/executor_classes.toml"),
+                         classes=load_executor_classes(config_path("executor_classes.toml")),
                          home=tmp_path_factory.mktemp("agent"), max_skew_s=5,
                          **({"clock": clock} if clock else {}))
     return make

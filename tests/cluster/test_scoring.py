@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from cluster.chain.local import LocalChain
 from cluster.validator import store as db
 from cluster.validator.scoring import MinerScore, u16_weights
-from cluster.validator.service import ValidatorCore
+from cluster.validator.core import ValidatorCore
 from cluster.verification.models import Verdict
 from cluster.errors import ChainError
 from cluster.protocol.jobs import JobStatus

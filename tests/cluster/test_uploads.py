@@ -1,7 +1,7 @@
 """The upload stage against a real S3-compatible server (moto in server mode on 127.0.0.1) issuing
 real presigned PUT and POST URLs; every upload is read back with boto3 and compared byte for
-byte (issue 3, done-when 1). A small forwarding proxy in front of moto fails the first requests
-with 503 to prove retries, and records how each request was framed.
+byte. A small forwarding proxy in front of moto fails the first requests with 503 to prove
+retries, and records how each request was framed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from botocore.config import Config
 from moto.server import ThreadedMotoServer
 from pydantic import TypeAdapter, ValidationError
 
-from cluster.miner.uploads import UploadError, upload_outputs
+from cluster.errors import UploadError
+from cluster.miner.uploads import upload_outputs
 from cluster.protocol.job_io import Upload
 
 pytestmark = pytest.mark.integration

@@ -24,7 +24,7 @@ from cluster.protocol.messages import (
 )
 from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
-from cluster.validator.service import ValidatorCore
+from cluster.validator.core import ValidatorCore
 from cluster.protocol.version import local_versions
 from cluster.errors import AdmissionRefused, CapabilityRefused, Refused, SignatureRejected, TicketRefused
 from cluster.protocol.jobs import JobResult, JobSpec, JobStatus
@@ -70,36 +70,37 @@ class Harness:
         return seal(who, kind, payload, clock=self.clock)
 
     def admit(self, miner: Hotkey, executors: int = 1, *, node: bool = True):
-        ch = self.core.challenge(ChallengeRequest(miner_hotkey=miner.ss58))
+        ch = self.core.admission.challenge(ChallengeRequest(miner_hotkey=miner.ss58))
         join = self.seal(miner, "admission_join", JoinRequest(validator=ALICE.ss58, challenge=ch.nonce,
                                                               executor_classes={CLASS: executors},
                                                               versions=local_versions()))
-        accepted = self.core.join(join)
+        accepted = self.core.admission.join(join)
         if node:
-            self.core.node_started(self.seal(miner, "node_started", NodeStarted(node_id=f"node-{miner.ss58[:8]}")))
+            started = NodeStarted(node_id=f"node-{miner.ss58[:8]}")
+            self.core.admission.node_started(self.seal(miner, "node_started", started))
         return ch, join, accepted
 
     def capability(self, user: Hotkey = DAVE, max_jobs: int = 100) -> Capability:
         req = CapabilityRequest(validator=ALICE.ss58, max_jobs=max_jobs, ttl_s=3600)
-        return self.core.check_capability(self.core.issue_capability(self.seal(user, "capability_request", req)))
+        return self.core.capabilities.check(self.core.capabilities.issue(self.seal(user, "capability_request", req)))
 
     def submit(self, cap: Capability, max_wait_s: int = 300):
         spec = JobSpec(image="rayhorde/busybox:local", command=["echo", "hi"], executor_class=CLASS,
                        max_wait_s=max_wait_s)
-        return self.core.register_job(cap, spec)
+        return self.core.organic.register(cap, spec)
 
     def fetch(self, miner: Hotkey, ticket_id: str) -> dict:
-        return self.core.fetch_ticket(self.seal(miner, "ticket_fetch", TicketFetch(ticket_id=ticket_id)))
+        return self.core.organic.fetch_ticket(self.seal(miner, "ticket_fetch", TicketFetch(ticket_id=ticket_id)))
 
     def status(self, miner: Hotkey, job_id: str, ticket, status: JobStatus) -> None:
         rep = StatusReport(ticket_id=ticket.ticket_id, attempt=ticket.attempt, status=status, detail=status.value)
-        self.core.report_status(job_id, self.seal(miner, "job_status", rep))
+        self.core.organic.report_status(job_id, self.seal(miner, "job_status", rep))
 
     def result(self, miner: Hotkey, job_id: str, ticket) -> SignedEnvelope:
         res = JobResult(job_id=job_id, ticket_id=ticket.ticket_id, attempt=ticket.attempt, miner_hotkey=miner.ss58,
                         status="completed", exit_code=0, stdout="hi\n", artifacts={"/artifacts/x": "aGk="})
         env = self.seal(miner, "job_result", res)
-        self.core.report_result(job_id, env)
+        self.core.organic.report_result(job_id, env)
         return env
 
     def incidents(self) -> list[tuple[str, str, str, int]]:
@@ -132,20 +133,21 @@ def test_admission_then_capability_budget(h):
     ch, join, accepted = h.admit(BOB, executors=2)
     assert accepted.resources == {f"miner:{BOB.ss58}": 1.0, f"executor:{CLASS}": 2.0}
     assert accepted.ray_token == "token" and accepted.validator_hotkey == ALICE.ss58
-    refused(SignatureRejected, "replayed", h.core.join, join)  # the same envelope again
+    refused(SignatureRejected, "replayed", h.core.admission.join, join)  # the same envelope again
     again = JoinRequest(validator=ALICE.ss58, challenge=ch.nonce, executor_classes={CLASS: 1},
                         versions=local_versions())
-    refused(AdmissionRefused, "bad_challenge", h.core.join, h.seal(BOB, "admission_join", again))  # single use
-    ch_eve = h.core.challenge(ChallengeRequest(miner_hotkey=EVE.ss58))
+    refused(AdmissionRefused, "bad_challenge", h.core.admission.join,
+            h.seal(BOB, "admission_join", again))  # single use
+    ch_eve = h.core.admission.challenge(ChallengeRequest(miner_hotkey=EVE.ss58))
     eve = JoinRequest(validator=ALICE.ss58, challenge=ch_eve.nonce, executor_classes={CLASS: 1},
                       versions=local_versions())
-    refused(AdmissionRefused, "not_registered", h.core.join, h.seal(EVE, "admission_join", eve))
+    refused(AdmissionRefused, "not_registered", h.core.admission.join, h.seal(EVE, "admission_join", eve))
     [miner] = h.core.cluster_status()["miners"]
     assert (miner["hotkey"], miner["node_id"], miner["executor_classes"]) == (BOB.ss58, f"node-{BOB.ss58[:8]}",
                                                                               {CLASS: 2})
 
     req = CapabilityRequest(validator=ALICE.ss58, max_jobs=2, ttl_s=60)
-    refused(CapabilityRefused, "not_whitelisted", h.core.issue_capability, h.seal(EVE, "capability_request", req))
+    refused(CapabilityRefused, "not_whitelisted", h.core.capabilities.issue, h.seal(EVE, "capability_request", req))
     cap = h.capability(max_jobs=2)
     assert cap.user == DAVE.ss58 and cap.max_jobs == 2
     h.submit(cap)
@@ -165,7 +167,7 @@ def test_ticket_queue_fetch_report_and_dispatch_next(h):
     assert second.ticket is None and second.queue_reason == f"0 of 1 {CLASS} executors free on live admitted " \
                                                             "miners; 0 jobs ahead"
     err = refused(Refused, "no_miner_for_job", h.submit, cap, 0)  # max_wait_s=0: rejected at once
-    rejected = [j for j in h.core.list_jobs(cap) if j.status == JobStatus.rejected]
+    rejected = [j for j in h.core.organic.list(cap) if j.status == JobStatus.rejected]
     assert len(rejected) == 1 and rejected[0].failure.reason == "no_miner_for_job" and "1 jobs ahead" in err.message
 
     refused(TicketRefused, "wrong_miner", h.fetch, CHARLIE, first.ticket.ticket_id)
@@ -179,15 +181,15 @@ def test_ticket_queue_fetch_report_and_dispatch_next(h):
     h.status(BOB, first.job_id, first.ticket, JobStatus.accepted)
     h.status(BOB, first.job_id, first.ticket, JobStatus.executor_ready)
     result_env = h.result(BOB, first.job_id, first.ticket)
-    refused(SignatureRejected, "replayed", h.core.report_result, first.job_id, result_env)
+    refused(SignatureRejected, "replayed", h.core.organic.report_result, first.job_id, result_env)
     refused(TicketRefused, "ticket_closed", h.result, BOB, first.job_id, first.ticket)  # a fresh envelope, too late
 
-    done = h.core.get_job(cap, first.job_id)
+    done = h.core.organic.get(cap, first.job_id)
     assert done.status == JobStatus.completed and done.result.stdout == "hi\n"
     assert done.artifact("/artifacts/x") == b"hi"
     assert [e.status for e in done.history] == [JobStatus.received, JobStatus.received, JobStatus.accepted,
                                                 JobStatus.executor_ready, JobStatus.completed]
-    nxt = h.core.get_job(cap, second.job_id)  # the freed executor went to the queued job
+    nxt = h.core.organic.get(cap, second.job_id)  # the freed executor went to the queued job
     assert nxt.status == JobStatus.received and nxt.ticket.miner_hotkey == BOB.ss58 and nxt.ticket.attempt == 1
     assert [e.detail for e in nxt.history][1].startswith("queued: 0 of 1")
     assert h.core.cluster_status()["jobs"] == {"completed": 1, "received": 1, "rejected": 1}
@@ -203,13 +205,13 @@ def test_node_lost_retires_a_fabric_incident_and_reticketes_to_the_other_miner(h
     h.fetch(first, sub.ticket.ticket_id)
     h.status(first, sub.job_id, sub.ticket, JobStatus.accepted)
     # a late report about a node the miner already replaced changes nothing
-    h.core.node_lost(h.seal(first, "node_lost", NodeLost(node_id="an-older-node")))
-    assert h.incidents() == [] and h.core.get_job(cap, sub.job_id).ticket == sub.ticket
-    h.core.node_lost(h.seal(first, "node_lost", NodeLost(node_id=f"node-{first.ss58[:8]}",
+    h.core.admission.node_lost(h.seal(first, "node_lost", NodeLost(node_id="an-older-node")))
+    assert h.incidents() == [] and h.core.organic.get(cap, sub.job_id).ticket == sub.ticket
+    h.core.admission.node_lost(h.seal(first, "node_lost", NodeLost(node_id=f"node-{first.ss58[:8]}",
                                                          running_tickets=[sub.ticket.ticket_id])))
 
     assert h.incidents() == [(first.ss58, "fabric", "ray_node_lost", 1)]
-    view = h.core.get_job(cap, sub.job_id)
+    view = h.core.organic.get(cap, sub.job_id)
     assert view.status == JobStatus.received and view.attempt == 2
     assert view.ticket.miner_hotkey == other.ss58 and view.ticket.attempt == 2
     assert "lost: ray_node_lost (fabric incident, not charged); re-queued" in view.history[-2].detail
@@ -217,7 +219,7 @@ def test_node_lost_retires_a_fabric_incident_and_reticketes_to_the_other_miner(h
     refused(TicketRefused, "ticket_closed", h.result, first, sub.job_id, sub.ticket)
     h.fetch(other, view.ticket.ticket_id)
     h.result(other, sub.job_id, view.ticket)
-    assert h.core.get_job(cap, sub.job_id).status == JobStatus.completed
+    assert h.core.organic.get(cap, sub.job_id).status == JobStatus.completed
 
 
 def test_sweep_retires_a_miner_that_stopped_heartbeating(h):
@@ -229,10 +231,10 @@ def test_sweep_retires_a_miner_that_stopped_heartbeating(h):
     h.core.sweep()
     assert h.incidents() == []  # everyone is within heartbeat_timeout_s
     h.clock.advance(h.settings.heartbeat_timeout_s + 1)
-    h.core.heartbeat(h.seal(alive, "heartbeat", Heartbeat()))
+    h.core.admission.heartbeat(h.seal(alive, "heartbeat", Heartbeat()))
     h.core.sweep()
     assert h.incidents() == [(silent.ss58, "miner", "missed_heartbeats", 1)]
-    view = h.core.get_job(cap, sub.job_id)
+    view = h.core.organic.get(cap, sub.job_id)
     assert view.ticket.miner_hotkey == alive.ss58 and view.ticket.attempt == 2
     assert h.core.cluster_status()["incidents"][0]["reason"] == "missed_heartbeats"
 
@@ -247,17 +249,17 @@ def test_a_restarted_validator_core_reads_everything_back(h):
     result_env = h.result(BOB, done.job_id, done.ticket)
     running = h.submit(cap)
     queued = h.submit(cap)
-    before = {j: h.core.get_job(cap, j) for j in (done.job_id, running.job_id, queued.job_id)}
+    before = {j: h.core.organic.get(cap, j) for j in (done.job_id, running.job_id, queued.job_id)}
 
     core = h.restart()
     for job_id, view in before.items():
-        assert core.get_job(cap, job_id) == view  # status, ticket, history, result, failure
-    assert core.get_job(cap, done.job_id).result == JobResult.model_validate(result_env.payload)  # the signed one
-    refused(SignatureRejected, "replayed", core.report_result, done.job_id, result_env)  # nonces persisted
+        assert core.organic.get(cap, job_id) == view  # status, ticket, history, result, failure
+    assert core.organic.get(cap, done.job_id).result == JobResult.model_validate(result_env.payload)  # the signed one
+    refused(SignatureRejected, "replayed", core.organic.report_result, done.job_id, result_env)  # nonces persisted
     refused(CapabilityRefused, "over_budget", h.submit, cap)  # budget persisted
     h.fetch(BOB, running.ticket.ticket_id)  # the ticket issued before the restart is still current
     h.result(BOB, running.job_id, running.ticket)
-    after = core.get_job(cap, queued.job_id)
+    after = core.organic.get(cap, queued.job_id)
     assert after.ticket is not None and after.ticket.miner_hotkey == BOB.ss58
     assert core.cluster_status()["miners"][0]["jobs_done"] == 2
 
@@ -272,13 +274,13 @@ def test_charged_incidents_lower_a_miners_priority_for_a_while(h):
     # ... until he restarts mid-job (a charged incident): Charlie is preferred though Bob is free again
     h.admit(BOB, executors=2)
     assert ("%s" % BOB.ss58, "miner", "agent_restarted", 1) in h.incidents()
-    requeued = h.core.get_job(cap, first.job_id)
+    requeued = h.core.organic.get(cap, first.job_id)
     assert requeued.ticket.miner_hotkey == CHARLIE.ss58  # and not back to the miner that lost it
     h.result(CHARLIE, first.job_id, requeued.ticket)
     nxt = h.submit(cap)
     assert nxt.ticket.miner_hotkey == CHARLIE.ss58, "a miner with a recent charged incident should wait its turn"
     h.clock.advance(h.settings.incident_penalty_s + 1)
     for m in (BOB, CHARLIE):  # stay live through the jump
-        h.core.heartbeat(h.seal(m, "heartbeat", Heartbeat()))
-    h.result(CHARLIE, nxt.job_id, h.core.get_job(cap, nxt.job_id).ticket)
+        h.core.admission.heartbeat(h.seal(m, "heartbeat", Heartbeat()))
+    h.result(CHARLIE, nxt.job_id, h.core.organic.get(cap, nxt.job_id).ticket)
     assert h.submit(cap).ticket.miner_hotkey == BOB.ss58  # the penalty has expired

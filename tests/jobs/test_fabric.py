@@ -1,4 +1,5 @@
-"""Nothing valuable crosses the fabric (DESIGN §1 point 2 and 7; issue 2, "Done when" 5).
+"""Nothing valuable crosses the fabric: no hotkey, capability or validator URL in a Ray worker,
+only ticket ids in the tasks' arguments.
 
 The driver in this session carries the capability and the validator URL in its job-level
 runtime env, exactly as ``ray job submit --runtime-env-json`` would, so these tests would catch

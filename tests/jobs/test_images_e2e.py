@@ -1,4 +1,4 @@
-"""Images through whole jobs (issue 3, "Done when" 8): a job pulls its image by digest from the
+"""Images through whole jobs: a job pulls its image by digest from the
 local registry and runs; a wrong digest, a denied image and a pull past its limit each fail with
 the stage and reason."""
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.protocol.images import ImageDenied
+from cluster.errors import ImageDenied
 from tests.cluster.test_images import RegistryProxy, forget, pushed, registries  # noqa: F401 (fixtures)
 from tests.conftest import container_events
 

@@ -1,5 +1,4 @@
-"""Input volumes and uploads through whole jobs (issue 3, "Done when" 1, 2 and 8's /output cap):
-real local servers, real presigned S3 URLs (moto), bytes checked end to end."""
+"""Input volumes and uploads through whole jobs, and the /output size cap: real local servers, real presigned S3 URLs (moto), bytes checked end to end."""
 
 from __future__ import annotations
 

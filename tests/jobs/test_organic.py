@@ -75,7 +75,8 @@ def test_only_loopback_inside_and_the_hosts_loopback_is_unreachable(stack):
 
 
 def test_container_runs_under_every_isolation_rule(stack, engine):
-    """DESIGN §1 point 4, read back from the engine while the job runs."""
+    """No network, read-only root, every capability dropped, no-new-privileges, a non-root user and
+    the executor class's memory / CPU / pids limits, read back from the engine while the job runs."""
     handle = stack.submit(spec("sleep 3"))
     seen: list = []
 

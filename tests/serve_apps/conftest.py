@@ -1,6 +1,6 @@
 """Session fixtures for the LLM app's tests: the fp32 model folder, ONE vLLM engine and one
-transformers engine per session (two cores are shared by everything: DESIGN §3). Engines start
-only when a test asks for them."""
+transformers engine per session (each takes seconds and a GiB or more; two cores are shared by
+everything). Engines start only when a test asks for them."""
 
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def hf_engine(llm_model_dir, llm_weights_digest):
     engine = TransformersEngine(llm_model_dir, dtype="float32", weights_sha256=llm_weights_digest)
     yield engine
     engine.close()
+
+
+def assert_error(resp, status: int, reason: str) -> dict:
+    """``resp`` is an error answer in rayhorde's one shape ``{"error": {"reason", "message", ...}}``
+    (cluster.protocol.http.error_body); returns the inner object."""
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    assert list(body) == ["error"], body
+    err = body["error"]
+    assert err["reason"] == reason and isinstance(err["message"], str) and err["message"], err
+    return err
 
 
 def greedy_ids(engine, prompt_ids: list[int], max_tokens: int) -> list[int]:

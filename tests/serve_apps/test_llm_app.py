@@ -226,9 +226,10 @@ def test_bad_requests_are_refused_with_openai_errors(world):
 def test_a_direct_unsigned_call_is_refused_by_the_app_itself(world):
     url = f"{world['job'].url}{PREFIX}/v1/chat/completions"
     r = httpx.post(url, json={"model": world["engine"].model_name, "messages": CHAT})
-    assert r.status_code == 401 and r.json()["reason"] == "unsigned"
+    assert r.status_code == 401 and r.json()["error"]["reason"] == "unsigned"
     with httpx.Client(auth=RequestSigner(SigningKey(), JOB)) as stranger:
-        assert stranger.get(f"{world['job'].url}{PREFIX}/v1/models").json()["reason"] == "unknown_client_key"
+        refused = stranger.get(f"{world['job'].url}{PREFIX}/v1/models").json()["error"]
+        assert refused["reason"] == "unknown_client_key"
 
 
 def test_the_key_route_names_the_weights(world):

@@ -15,6 +15,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import Route
 
+from cluster.errors import Refused, RequestRefused, SignatureRejected
+from cluster.protocol.http import raise_for_error
 from cluster.protocol.identity import Hotkey
 from cluster.miner.proxy import JobRoute, MinerProxy
 from serve_apps import (
@@ -22,6 +24,7 @@ from serve_apps import (
 )
 from cluster.protocol.keys import PublicKey
 from serve_apps.echo import EchoApp
+from tests.serve_apps.conftest import assert_error
 
 pytestmark = pytest.mark.integration
 
@@ -112,9 +115,33 @@ def test_the_proxy_refuses_bad_requests_with_reasons(world):
 def test_a_call_straight_to_the_job_without_a_valid_signature_is_refused_by_the_job(world):
     direct = f"{world['job'].url}{PREFIX}/echo"
     r = httpx.post(direct, content=b"{}")
-    assert r.status_code == 401 and r.json()["reason"] == "unsigned"
+    assert r.status_code == 401 and r.json()["error"]["reason"] == "unsigned"
     with httpx.Client(auth=RequestSigner(SigningKey(), JOB)) as stranger:
-        assert stranger.post(direct, content=b"{}").json()["reason"] == "unknown_client_key"
+        assert stranger.post(direct, content=b"{}").json()["error"]["reason"] == "unknown_client_key"
+
+
+def test_proxy_and_app_refusals_are_the_one_error_shape_and_map_back_to_their_class(world):
+    for base in (world["proxy"].url, world["job"].url):  # the miner's door, then the job's own
+        unsigned = httpx.post(f"{base}{PREFIX}/echo", content=b"{}")
+        assert_error(unsigned, 401, "unsigned")
+        with pytest.raises(SignatureRejected):
+            raise_for_error(unsigned)
+        with httpx.Client(auth=RequestSigner(SigningKey(), JOB)) as stranger:
+            foreign = stranger.post(f"{base}{PREFIX}/echo", content=b"{}")
+        assert_error(foreign, 403, "unknown_client_key")
+        with pytest.raises(RequestRefused) as err:
+            raise_for_error(foreign)
+        assert err.value.status_code == 403 and "not registered for this job" in err.value.message
+    assert_error(httpx.get(f"{world['job'].url}{PREFIX}/nowhere"), 404, "not_found")
+    assert_error(httpx.get(f"{world['proxy'].url}/jobs/job-unknown/receipts/r1"), 404, "not_found")
+    with signed(world) as c:  # the app's own errors after a valid envelope: same shape, no receipt
+        bad = c.post(f"{PREFIX}/volume", content=b"not json")
+        assert_error(bad, 400, "malformed")
+        missing = c.post(f"{PREFIX}/volume", content=b'{"name": "absent.txt"}')
+        assert "absent.txt" in assert_error(missing, 404, "no_such_file")["message"]
+        assert RECEIPT_HEADER not in missing.headers
+        with pytest.raises(Refused):
+            raise_for_error(missing)
 
 
 def test_a_byte_changed_between_job_and_client_fails_verification(world):

@@ -1,11 +1,12 @@
-"""Streaming wire formats (DESIGN §6) over real HTTP: a client signs each request with the httpx
-auth hook; a server (standing in for the job + miner proxy pair) checks the envelope and answers
-with a receipt signed by the job key and counter-signed by the miner hotkey; the client verifies
-it. Every refusal and every receipt check is named (issue 4, "Done when" 2, 3 and 4, at the
-wire-format level; the Serve app and proxy themselves are not built yet)."""
+"""Streaming wire formats over real HTTP: a client signs each request with the httpx auth hook;
+a server (standing in for the job + miner proxy pair) checks the envelope and answers with a
+receipt signed by the job key and counter-signed by the miner hotkey (refusals in the one error
+shape); the client verifies it. Every refusal and every receipt check is named, at the
+wire-format level (test_proxy.py runs the real app and proxy)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from serve_apps import (
     job_sign, miner_countersign, sign_request, split_sse, verify_receipt,
 )
 from cluster.protocol.client_envelope import MemoryNonces
+from cluster.protocol.http import error_body
 from cluster.protocol.receipts import GENESIS, SSE_PREFIX
 from tests.conftest import REPO
 
@@ -49,7 +51,7 @@ class JobServer:
                                         client_keys=client_keys, nonces=outer.nonces, max_skew_s=5,
                                         clock=outer.clock)
                 except RequestRefused as exc:
-                    out = f'{{"reason": "{exc.reason}", "message": "{exc.message}"}}'.encode()
+                    out = json.dumps(error_body(exc.reason, exc.message)).encode()
                     self.send_response(exc.status_code)
                     self.send_header("Content-Length", str(len(out)))
                     self.end_headers()
@@ -191,22 +193,22 @@ def test_requests_refused_with_reasons(server, client_key):
     def post(headers: dict, body: bytes = b"{}"):
         return httpx.post(f"{server.url}/v1/echo", content=body, headers=headers)
 
-    assert post({}).json()["reason"] == "unsigned"
+    assert post({}).json()["error"]["reason"] == "unsigned"
     other = SigningKey()
-    assert post(sign_request(other, job_id=JOB, method="POST", path="/v1/echo", body=b"{}")).json()["reason"] == \
-        "unknown_client_key"
+    assert post(sign_request(other, job_id=JOB, method="POST", path="/v1/echo", body=b"{}")).json()["error"][
+        "reason"] == "unknown_client_key"
     headers = sign_request(client_key, job_id=JOB, method="POST", path="/v1/echo", body=b"{}")
     forged = {**headers, "X-Rayhorde-Signature": other.sign(b"whatever")}
-    assert post(forged).json()["reason"] == "invalid_signature"
+    assert post(forged).json()["error"]["reason"] == "invalid_signature"
     assert post(headers).status_code == 200
-    assert post(headers).json()["reason"] == "replayed"
+    assert post(headers).json()["error"]["reason"] == "replayed"
     skewed = sign_request(client_key, job_id=JOB, method="POST", path="/v1/echo", body=b"{}", clock=offset_clock(60))
-    r = post(skewed).json()
+    r = post(skewed).json()["error"]
     assert r["reason"] == "clock_skew" and "max skew 5 s" in r["message"]
     moved = sign_request(client_key, job_id=JOB, method="POST", path="/v1/echo", body=b"{}")
-    assert post(moved, body=b'{"x": 1}').json()["reason"] == "body_mismatch"
+    assert post(moved, body=b'{"x": 1}').json()["error"]["reason"] == "body_mismatch"
     other_job = sign_request(client_key, job_id="job-2", method="POST", path="/v1/echo", body=b"{}")
-    assert post(other_job).json()["reason"] == "wrong_job"
+    assert post(other_job).json()["error"]["reason"] == "wrong_job"
 
 
 def test_the_standalone_example_verifies_a_receipt_and_rejects_an_edit(server, client_key, tmp_path):

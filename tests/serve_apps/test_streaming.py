@@ -1,4 +1,4 @@
-"""Streaming jobs through validator-core on the local stack (issue 4): a client deploys the
+"""Streaming jobs through validator-core on the local stack: a client deploys the
 whitelisted echo app, validator-core places it on a miner and deploys it through Serve's REST API
 pinned to that miner's node, the miner's agent announces it (signed readiness), and every answer
 through the miner's proxy carries a receipt the client library verifies. Then: files through the
@@ -98,7 +98,7 @@ def test_refusals_unsigned_other_key_replay_and_direct_route(stack, echo, key):
     # straight to the job's Serve route on the node's loopback proxy: the job itself refuses
     direct = f"http://127.0.0.1:{serve_port(stack)}{echo.view.route_prefix}/echo"
     r = httpx.post(direct, content=b"{}", timeout=30)
-    assert r.status_code == 401 and r.json()["reason"] == "unsigned"
+    assert r.status_code == 401 and r.json()["error"]["reason"] == "unsigned"
 
 
 def test_a_file_sent_through_the_miner_appears_in_the_jobs_volume(echo, key):

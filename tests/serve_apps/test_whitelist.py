@@ -1,5 +1,5 @@
-"""The app whitelist and the weights digest of DESIGN §6 (issue 4, "Done when" 3: a
-non-whitelisted app and weights with a wrong digest are refused with the reason)."""
+"""The app whitelist and the weights digest: a non-whitelisted app and weights with a wrong
+digest are refused with the reason."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from cluster.settings import REPO_ROOT
-from cluster.errors import ConfigError
-from cluster.protocol.whitelist import AppRefused, Whitelist, WhitelistEntry, weights_digest
+from cluster.resources import config_path
+from cluster.errors import AppRefused, ConfigError
+from cluster.protocol.whitelist import Whitelist, WhitelistEntry, weights_digest
 
 
 def write_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]], *, metadata=None, reverse=False):
@@ -73,7 +73,7 @@ def test_whitelist_refusals_name_the_reason(tmp_path):
 
 
 def test_the_shipped_whitelist_loads_and_a_malformed_one_is_named(tmp_path):
-    assert Whitelist.load(REPO_ROOT / "configs/serve_apps.toml").check("echo", "1").app == "serve_apps.echo:EchoApp"
+    assert Whitelist.load(config_path("serve_apps.toml")).check("echo", "1").app == "serve_apps.echo:EchoApp"
     bad = tmp_path / "apps.toml"
     bad.write_text('[apps.x]\nversion = "1"\napp = "not an import path"\n')
     with pytest.raises(ConfigError, match="apps.toml is malformed"):
