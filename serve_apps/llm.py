@@ -35,7 +35,7 @@ from cluster.protocol.keys import PublicKey
 from cluster.protocol.whitelist import weights_digest
 from serve_apps.inference import openai_api as api
 from serve_apps.inference.engine import (
-    MAX_PROMPT_TOKENS, EngineCapability, InferenceEngine, chat_prompt_ids,
+    MAX_PROMPT_TOKENS, EngineFeature, InferenceEngine, chat_prompt_ids,
 )
 
 log = logging.getLogger("rayhorde.llm")
@@ -94,7 +94,7 @@ class LLMApp:
         except BadRequest as exc:
             return JSONResponse(api.bad_request_body(exc), exc.status)
         max_tokens, temperature, top_k = req.resolved()
-        if temperature > 0 and top_k > 1 and EngineCapability.KEYED_SAMPLING not in self.engine.capabilities:
+        if temperature > 0 and top_k > 1 and EngineFeature.KEYED_SAMPLING not in self.engine.features:
             return JSONResponse(api.openai_error("this engine only decodes greedily: use temperature 0",
                                                  code="invalid_request", param="temperature"), 400)
         gen = self.engine.generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, top_k=top_k,

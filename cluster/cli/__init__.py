@@ -1,0 +1,1 @@
+"""The ``rayhorde`` command line (:mod:`.main`) and its command groups."""

@@ -1,0 +1,1 @@
+"""The one-machine development stack behind ``rayhorde up`` / ``down`` and ``make demo``."""

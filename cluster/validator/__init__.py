@@ -1,0 +1,3 @@
+"""validator-core (trusted, outside Ray): a thin core (:mod:`.core`) composing one desk per concern
+(admission, capabilities, placement, organic jobs, the ledger, streams, probes, verification,
+scoring), the store and the HTTP app."""

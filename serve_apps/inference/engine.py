@@ -3,7 +3,7 @@
 The app (and later the verifiers) only talk to :class:`InferenceEngine`; ``vllm_engine`` runs
 vLLM in-process (batching, production path), ``transformers_engine`` runs a plain token loop on
 transformers (no vLLM needed: a reference and a second dtype). What an implementation cannot do
-is declared in :attr:`InferenceEngine.capabilities`, never discovered with ``isinstance``.
+is declared in :attr:`InferenceEngine.features`, never discovered with ``isinstance``.
 
 Both implementations follow the same rules, so they produce the same tokens on the same weights:
 greedy is the row's argmax, sampled requests use the keyed Gumbel choice of
@@ -29,10 +29,10 @@ MAX_PROMPT_TOKENS = 4096  # prompt + output must fit the engines' max_model_len 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
 
 
-class EngineCapability(str, enum.Enum):
-    BATCHING = "batching"  # concurrent requests share forward passes (else they queue)
-    KEYED_SAMPLING = "keyed_sampling"  # temperature > 0 with the keyed Gumbel sampler
-    TOKEN_STREAMING = "token_streaming"  # tokens are yielded as they are produced, not at the end
+class EngineFeature(enum.Flag):
+    BATCHING = enum.auto()  # concurrent requests share forward passes (else they queue)
+    KEYED_SAMPLING = enum.auto()  # temperature > 0 with the keyed Gumbel sampler
+    TOKEN_STREAMING = enum.auto()  # tokens are yielded as they are produced, not at the end
 
 
 class GenerationRequest(BaseModel):
@@ -59,7 +59,7 @@ class GenerationRequest(BaseModel):
 class InferenceEngine(ABC):
     """Streams output token ids for a prompt. Subclasses set the attributes in ``__init__``."""
 
-    capabilities: frozenset[EngineCapability] = frozenset()
+    features: EngineFeature = EngineFeature(0)
     model_name: str
     model_dir: Path
     weights_sha256: str
@@ -71,7 +71,7 @@ class InferenceEngine(ABC):
         """Yield output token ids as they are produced (the stop token included, if any)."""
         req = GenerationRequest(prompt_token_ids=list(prompt_ids), max_tokens=max_tokens, temperature=temperature,
                                 top_k=top_k, key_hex=key_hex)
-        if not req.greedy and EngineCapability.KEYED_SAMPLING not in self.capabilities:
+        if not req.greedy and EngineFeature.KEYED_SAMPLING not in self.features:
             raise ValueError(f"{type(self).__name__} cannot sample; use temperature 0")
         async for token in self._generate(req):
             yield token

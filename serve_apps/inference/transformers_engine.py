@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from serve_apps.inference.engine import (
-    EngineCapability, GenerationRequest, InferenceEngine, load_tokenizer, stop_token_ids,
+    EngineFeature, GenerationRequest, InferenceEngine, load_tokenizer, stop_token_ids,
 )
 from serve_apps.inference.gumbel import keyed_choice
 from cluster.protocol.whitelist import weights_digest
@@ -27,7 +27,7 @@ _DTYPES = ("float32", "bfloat16")
 
 
 class TransformersEngine(InferenceEngine):
-    capabilities = frozenset({EngineCapability.KEYED_SAMPLING, EngineCapability.TOKEN_STREAMING})
+    features = EngineFeature.KEYED_SAMPLING | EngineFeature.TOKEN_STREAMING
 
     def __init__(self, model_dir: str | Path, *, model_name: str | None = None, dtype: str = "float32",
                  weights_sha256: str | None = None) -> None:

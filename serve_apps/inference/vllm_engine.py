@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from serve_apps.inference.engine import (
-    MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT, EngineCapability, GenerationRequest, InferenceEngine, load_tokenizer,
+    MAX_PROMPT_TOKENS, MAX_TOKENS_LIMIT, EngineFeature, GenerationRequest, InferenceEngine, load_tokenizer,
     stop_token_ids,
 )
 from cluster.protocol.whitelist import weights_digest
@@ -72,8 +72,7 @@ def _tolerate_context_proxies() -> None:
 
 
 class VLLMEngine(InferenceEngine):
-    capabilities = frozenset({EngineCapability.BATCHING, EngineCapability.KEYED_SAMPLING,
-                              EngineCapability.TOKEN_STREAMING})
+    features = EngineFeature.BATCHING | EngineFeature.KEYED_SAMPLING | EngineFeature.TOKEN_STREAMING
 
     def __init__(self, model_dir: str | Path, *, model_name: str | None = None, dtype: str = "float32",
                  max_num_seqs: int = 16, weights_sha256: str | None = None, start_timeout_s: float = 600) -> None:

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 
 from cluster.verification.models import Claim
-from serve_apps.inference.engine import EngineCapability, GenerationRequest, InferenceEngine
+from serve_apps.inference.engine import EngineFeature, GenerationRequest, InferenceEngine
 
 
 class _Wrapper(InferenceEngine):
-    capabilities = frozenset({EngineCapability.KEYED_SAMPLING, EngineCapability.TOKEN_STREAMING})
+    features = EngineFeature.KEYED_SAMPLING | EngineFeature.TOKEN_STREAMING
 
     def __init__(self, like: InferenceEngine) -> None:
         self.model_name, self.model_dir = like.model_name, like.model_dir
