@@ -65,7 +65,7 @@ class Stack:
 def hub():
     """A local server answering the Hugging Face Hub API (and plain files), for the whole session:
     the stack's agents are started with HF_ENDPOINT pointing at it."""
-    from tests.cluster.test_volumes import serving_origin
+    from tests.cluster.miner.test_volumes import serving_origin
 
     with serving_origin() as served:
         yield served
@@ -86,7 +86,7 @@ def stack(engine, hub, tmp_path_factory) -> Stack:
                        validator_env={"RAYHORDE_VALIDATOR_IMAGE_DENY": json.dumps(["*/denied/*", "denied/*"]),
                                       "RAYHORDE_VALIDATOR_WHITELIST_PATH": str(whitelist),
                                       "RAYHORDE_VALIDATOR_VERIFY_INTERVAL_S": "1",
-                                      # probes (tests/cluster/test_verification_e2e.py) would add answers
+                                      # probes (tests/cluster/verification/test_verification_e2e.py) would add answers
                                       # to the LLM jobs of tests that count them
                                       "RAYHORDE_VALIDATOR_VERIFY_PROBE_INTERVAL_S": "0"})
     state = local.up()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from cluster.protocol.jobs import Failure, JobResult, JobSpec, JobStatus, Submitted, TicketRef  # noqa: F401
+from cluster.protocol.jobs import Failure, JobResult, JobSpec, JobStatus
 from cluster.protocol.streams import StreamReady
 
 

@@ -31,8 +31,10 @@ from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import SignedEnvelope, seal
 from cluster.protocol.identity import Clock, Hotkey
 from cluster.protocol.images import ImagePolicy
-from cluster.protocol.jobs import Failure, JobResult, JobSpec, JobState, JobStatus, JobView, StatusEvent
-from cluster.protocol.messages import Capability, SpecGrant, StatusReport, Submitted, TicketFetch
+from cluster.protocol.jobs import (
+    Failure, JobResult, JobSpec, JobState, JobStatus, JobView, StatusEvent, Submitted,
+)
+from cluster.protocol.messages import Capability, SpecGrant, StatusReport, TicketFetch
 from cluster.settings import ExecutorClass, ValidatorSettings
 from cluster.validator import store as db
 from cluster.validator.capabilities import CapabilityDesk

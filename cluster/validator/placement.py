@@ -26,8 +26,8 @@ from cluster.errors import AdmissionRefused
 from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import seal
 from cluster.protocol.identity import Clock, Hotkey
-from cluster.protocol.jobs import Failure, FailureKind, JobStatus
-from cluster.protocol.messages import Ticket, TicketRef, executor_resource, miner_resource
+from cluster.protocol.jobs import Failure, FailureKind, JobStatus, TicketRef
+from cluster.protocol.messages import Ticket, executor_resource, miner_resource
 from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
 from cluster.validator.ledger import Ledger

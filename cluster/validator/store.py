@@ -28,7 +28,7 @@ what a fresh database gets), and (2) append ``Migration(n + 1, "what changed", f
 :data:`MIGRATIONS`, where ``fn(conn)`` brings a database at version n to the new schema with
 portable DDL, e.g. ``conn.execute(sa.text("ALTER TABLE jobs ADD COLUMN priority INTEGER NOT
 NULL DEFAULT 0"))`` or ``new_table.create(conn)``, plus any data backfill. Never edit or reorder
-a released step; test the step on both backends (``tests/cluster/test_store.py``).
+a released step; test the step on both backends (``tests/cluster/validator/test_store.py``).
 
 Stored module paths. ``streams.serve_app`` is the Serve application entry sent to Serve's REST
 API, and it names code by path: ``import_path`` (``module:attr``, the builder) and

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from cluster.errors import ImageDenied
-from tests.cluster.test_images import RegistryProxy, forget, pushed, registries  # noqa: F401 (fixtures)
+from tests.cluster.miner.test_images import RegistryProxy, forget, pushed, registries  # noqa: F401 (fixtures)
 from tests.conftest import container_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests.cluster.test_uploads import BUCKET, put_url, read_back, s3  # noqa: F401 (fixture)
-from tests.cluster.test_volumes import SHA, HubRepo, make_zip
+from tests.cluster.miner.test_uploads import BUCKET, put_url, read_back, s3  # noqa: F401 (fixture)
+from tests.cluster.miner.test_volumes import SHA, HubRepo, make_zip
 from tests.conftest import IMAGE, container_events
 
 pytestmark = pytest.mark.integration

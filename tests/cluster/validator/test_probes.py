@@ -1,5 +1,5 @@
 """validator-core's probe key on verifiable streams (validator/probes.py); the probes themselves
-go through a real proxy in tests/cluster/test_verification_e2e.py."""
+go through a real proxy in tests/cluster/verification/test_verification_e2e.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cluster.validator.probes import probe_prompt
 from cluster.validator.core import ValidatorCore
 from cluster.protocol.keys import SigningKey
 from cluster.protocol.streams import StreamSpec
-from tests.cluster.test_scoring import ScoringHarness
-from tests.cluster.test_validator_service import ALICE, BOB, CHARLIE
+from tests.cluster.validator.test_scoring import ScoringHarness
+from tests.cluster.validator.test_validator_service import ALICE, BOB, CHARLIE
 
 
 @pytest.fixture

@@ -28,9 +28,8 @@ from cluster.validator.core import ValidatorCore
 from cluster.protocol.version import local_versions
 from cluster.errors import AdmissionRefused, CapabilityRefused, Refused, SignatureRejected, TicketRefused
 from cluster.protocol.jobs import JobResult, JobSpec, JobStatus
-from tests.cluster.test_store import db_url, postgres_server  # noqa: F401 - the shared two-backend fixture
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ALICE, BOB, CHARLIE, DAVE, EVE = (Hotkey.from_uri(u) for u in ("//Alice", "//Bob", "//Charlie", "//Dave", "//Eve"))
 CLASS = "always_on.test"
 
@@ -110,7 +109,7 @@ class Harness:
 
 
 @pytest.fixture
-def h(tmp_path: Path, db_url: str) -> Iterator[Harness]:  # noqa: F811 - db_url is the imported fixture
+def h(tmp_path: Path, db_url: str) -> Iterator[Harness]:
     harness = Harness(tmp_path, db_url)
     yield harness
     for core in harness.cores:

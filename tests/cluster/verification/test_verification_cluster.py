@@ -2,7 +2,7 @@
 a Ray head whose autoscaler (fake multi-node provider locally) adds a ``gpu80`` worker when a
 VerifierActor asks for ``gpu80gb`` and removes it once idle.
 
-This is the PLUMBING test: the verifier is ``tests.cluster.verification_factories:echo_verifier``,
+This is the PLUMBING test: the verifier is ``tests.cluster.verification.verification_factories:echo_verifier``,
 which answers ``ok`` to every claim without checking anything. It proves placement (the actor
 runs only on an autoscaled worker, never on the head), scale-up, the JSON boundary, close + kill,
 scale-down and teardown. The real prefill verifier (``cluster.verification.verifier``)
@@ -43,7 +43,7 @@ from cluster.protocol.keys import PublicKey
 from cluster.protocol.receipts import Receipt, ReceiptBody
 
 
-FACTORY = "tests.cluster.verification_factories:echo_verifier"
+FACTORY = "tests.cluster.verification.verification_factories:echo_verifier"
 MARGIN = 0.25
 LOOPBACK_ADDRS = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 # Keeps one gpu80 worker up without an actor (the autoscaler honours explicit requests).
@@ -106,11 +106,11 @@ def test_config_renders_for_the_fake_provider(tmp_path):
 
 def test_load_factory():
     assert load_factory(FACTORY)().verify_batch([make_claim(0)], 0.5)[0].ok
-    for bad in ("tests.cluster.verification_factories", ":x", "tests.cluster.verification_factories:"):
+    for bad in ("tests.cluster.verification.verification_factories", ":x", "tests.cluster.verification.verification_factories:"):
         with pytest.raises(ValueError):
             load_factory(bad)
     with pytest.raises(AttributeError):
-        load_factory("tests.cluster.verification_factories:nope")
+        load_factory("tests.cluster.verification.verification_factories:nope")
 
 
 @pytest.fixture(scope="module")

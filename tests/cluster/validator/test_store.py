@@ -10,10 +10,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import subprocess
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -29,41 +27,7 @@ from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
 from cluster.validator.core import ValidatorCore
 
-REPO = Path(__file__).resolve().parents[2]
-PG_SCRIPT = REPO / "scripts" / "postgres.sh"
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """The SQLAlchemy URL of the private PostgreSQL, started if it is not running."""
-    try:
-        start = subprocess.run([str(PG_SCRIPT), "start"], capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{PG_SCRIPT} start did not finish in {exc.timeout} s", pytrace=False)
-    if start.returncode != 0:
-        pytest.fail(f"PostgreSQL did not start: {PG_SCRIPT} start exited {start.returncode}\n"
-                    f"{start.stdout}{start.stderr}", pytrace=False)
-    return subprocess.run([str(PG_SCRIPT), "url"], capture_output=True, text=True, check=True).stdout.strip()
-
-
-# PostgreSQL is a real server: `-m "not integration"` (make test-unit) runs the SQLite half only
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'validator.db'}"
-        return
-    base = sa.engine.make_url(request.getfixturevalue("postgres_server"))
-    name = f"rayhorde_t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:  # FORCE: closes connections a test's engines left open
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -407,7 +371,7 @@ def test_a_database_of_the_previous_layout_opens_and_its_streams_name_current_mo
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeServeRest)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _FakeServeRest.puts = []
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     settings = ValidatorSettings(home=tmp_path, wallet_dir=tmp_path, db_url=db_url, deploy_streams=True,
                                  ray_port_base=server.server_address[1] - 1,  # the dashboard is base + 1
                                  metagraph_path=repo / "configs" / "metagraph.local.json",

@@ -24,8 +24,7 @@ from cluster.errors import ChainError
 from cluster.protocol.jobs import JobStatus
 from cluster.protocol.keys import SigningKey
 from cluster.protocol.streams import StreamReady, StreamSpec
-from tests.cluster.test_store import db_url, postgres_server  # noqa: F401 - the shared two-backend fixture
-from tests.cluster.test_validator_service import ALICE, BOB, CHARLIE, NS, REPO, Harness
+from tests.cluster.validator.test_validator_service import ALICE, BOB, CHARLIE, NS, REPO, Harness
 
 CYCLE_S = 1000
 

@@ -18,7 +18,7 @@ from cluster.verification.models import Verdict
 from cluster.errors import ProofInvalid
 from cluster.verification.proof import check_proof, make_proof
 from cluster.protocol.streams import READY_KIND, StreamReady
-from tests.cluster.test_collector import MINER, VALIDATOR, served  # noqa: F401 (fixture)
+from tests.cluster.verification.test_collector import MINER, VALIDATOR, served  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 DIGEST = "ab" * 32
