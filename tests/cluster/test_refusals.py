@@ -1,6 +1,6 @@
-"""Refusals with clear reasons, against the running validator-core and real agents (issue 2,
-"Done when" 4): admission, tickets (the engine's event stream shows no container created),
-spec requests for another miner's ticket, capabilities."""
+"""Refusals with clear reasons, against the running validator-core and real agents: admission,
+tickets (the engine's event stream shows no container created), spec requests for another
+miner's ticket, capabilities."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Surviving a dead miner node and a validator-core crash (issue 3, "Done when" 3 and 4)."""
+"""Surviving a dead miner node and a validator-core crash."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Organic jobs end to end: real dockerd, real multi-node Ray, real HTTP (issue 2, "Done when" 3)."""
+"""Organic jobs end to end: real dockerd, real multi-node Ray, real HTTP."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routing and queueing (issue 3, "Done when" 5): 100 jobs at once across two miners with two
+"""Routing and queueing: 100 jobs at once across two miners with two
 executors each all complete, no miner ever runs more containers than its executors, and jobs
 that waited say why in their history."""
 

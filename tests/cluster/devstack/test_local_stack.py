@@ -1,5 +1,5 @@
 """`rayhorde up` / `down`: every process on loopback, and nothing survives `down`, even after
-an agent was SIGKILLed and left its Ray node orphaned (issue 2, "Done when" 1)."""
+an agent was SIGKILLed and left its Ray node orphaned."""
 
 from __future__ import annotations
 

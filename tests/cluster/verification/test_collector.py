@@ -1,4 +1,4 @@
-"""validator-core's collection of answers from a miner's proxy (issue 5, "Done when" 5): pages
+"""validator-core's collection of answers from a miner's proxy: pages
 of receipts, bodies and client envelopes over real HTTP, every signature and the chain checked;
 an answer the miner did not hand over is a chain gap, a changed byte a failed hash."""
 

@@ -1,4 +1,4 @@
-"""Exported proofs (issue 5, "Done when" 4, the signature half): a proof built from a real
+"""Exported proofs (the signature half): a proof built from a real
 collected claim verifies in another process with nothing but its bytes, and editing any byte
 of it makes the check fail. (Re-scoring with the model is exercised with the real verifier in
 the LLM verification tests.)"""

@@ -1,4 +1,4 @@
-"""Issue 5, "Done when" 1, end to end on real parts: LLM answers go through a miner's real proxy;
+"""Verification end to end on real parts: LLM answers go through a miner's real proxy;
 validator-core collects and samples them (every signature and the chain checked), waits for a
 batch, and hands it to its private verification cluster, whose autoscaler adds a fake ``gpu80``
 worker for the verifier actor (vLLM CPU, one prefill pass per answer); the verdicts are stored,
@@ -123,7 +123,7 @@ def test_sampled_answers_are_verified_on_an_autoscaled_worker_that_then_goes_awa
 
 
 def check_proof_elsewhere(proof: bytes, home: Path) -> None:
-    """"Done when" 4: another process with only the model and the proof re-scores the answer
+    """Another process with only the model and the proof re-scores the answer
     and agrees; one edited byte and it refuses."""
     import subprocess
     import sys

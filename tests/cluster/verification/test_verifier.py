@@ -1,4 +1,4 @@
-"""The prefill verifier (issue 5): honest answers pass, every kind of cheat fails with the right
+"""The prefill verifier: honest answers pass, every kind of cheat fails with the right
 reason and position, and a lower-precision copy of the model is caught by the batch statistic.
 
 Honest claims are real: the LLM app serves them under uvicorn behind a real miner proxy (the
