@@ -438,8 +438,16 @@ def test_another_temperature_or_another_key_fails_the_keyed_check(honest, vllm_v
 
 
 def _check_engine_cheat(cheats, claims, verifiers, margin, exact_verifier):
-    cheat_ids = [tuple(answer_ids(c)) for c in cheats]
-    honest_ids = [tuple(answer_ids(c)) for c in claims]
+    pairs = [(c, tuple(answer_ids(c)), tuple(answer_ids(h))) for c, h in zip(cheats, claims)]
+    # A twist can leave a short, peaked answer token for token unchanged (another temperature with
+    # the same key, seen in CI on a 5-token answer): that answer IS the honest one, so it must pass;
+    # every answer the twist did change must fail.
+    unchanged = [c for c, ids, ref in pairs if ids == ref]
+    for label, vs in (_verdicts(verifiers, unchanged, margin) if unchanged else {}).items():
+        assert all(v.ok for v in vs), (label, vs)
+    pairs = [(c, ids, ref) for c, ids, ref in pairs if ids != ref]
+    assert len(pairs) >= len(cheats) - 1, f"the twist changed only {len(pairs)} of {len(cheats)} answers"
+    cheats, cheat_ids, honest_ids = [c for c, _, _ in pairs], [i for _, i, _ in pairs], [r for _, _, r in pairs]
     _fails_from(_verdicts(verifiers, cheats, margin), cheat_ids, honest_ids)
     # With no margin, the fp32 verifier (exactly the honest engine's numbers) fails each cheat at
     # the very first token where it departs from the honest answer.
