@@ -25,7 +25,7 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 import jobs  # noqa: E402
-from cluster.protocol.identity import Hotkey  # noqa: E402
+from cluster.protocol.identity import Hotkey, create_dev_wallet  # noqa: E402
 from cluster.devstack.local_stack import LocalStack  # noqa: E402
 from cluster.fabric.ray_node import short_tmp  # noqa: E402
 from cluster.resources import config_path  # noqa: E402
@@ -231,9 +231,10 @@ def main(only: str | None = None) -> int:
 
         # miner_join_s: agent start -> first task scheduled on its new node
         env = {**os.environ, **{f"RAYHORDE_MINER_{k.upper()}": str(v) for k, v in {
-            "name": "newcomer", "home": home / "newcomer", "wallet_dir": home / "stack" / "wallets",
-            "wallet": "newcomer", "wallet_uri": "//Eve", "validator_url": state["validator_url"],
+            "name": "newcomer", "home": home / "newcomer", "wallet_path": home / "stack" / "wallets",
+            "wallet_name": "newcomer", "validator_url": state["validator_url"],
             "validator_hotkey": Hotkey.from_uri("//Alice").ss58, "ray_temp_dir": short_tmp(home, "new")}.items()}}
+        create_dev_wallet(home / "stack" / "wallets", "newcomer", "//Eve")
         probe = ray.remote(lambda: time.time()).options(num_cpus=0, resources={f"miner:{newcomer.ss58}": 0.001})
         t0 = time.time()
         newcomer_proc = subprocess.Popen([sys.executable, "-m", "cluster.miner.main", "--config",

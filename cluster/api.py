@@ -3,7 +3,7 @@
 from cluster import errors
 from cluster.chain import LocalChain
 from cluster.protocol.envelope import SignedEnvelope, open_envelope, seal
-from cluster.protocol.identity import Hotkey, load_or_create_wallet
+from cluster.protocol.identity import Hotkey, load_wallet
 from cluster.devstack.local_stack import LocalStack
 from cluster.settings import ExecutorClass, MinerSettings, ValidatorSettings, load_settings
 from cluster.protocol.user import request_capability
@@ -17,8 +17,8 @@ __all__ = [
     "SignedEnvelope",
     "ValidatorSettings",
     "errors",
-    "load_or_create_wallet",
     "load_settings",
+    "load_wallet",
     "open_envelope",
     "request_capability",
     "seal",

@@ -11,6 +11,7 @@ current directory. Path defaults name the configs rayhorde ships (:mod:`cluster.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tomllib
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cluster.errors import ConfigError
+from cluster.protocol.identity import default_wallet_path
 from cluster.protocol.moved import current_module_path
 from cluster.resources import config_path
 
@@ -64,9 +66,10 @@ class ValidatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     netuid: int = 12
     home: Path = Field(default_factory=lambda: default_home() / "validator")
-    wallet_dir: Path = Field(default_factory=lambda: default_home() / "wallets")
-    wallet: str = "validator"
-    wallet_uri: str | None = None
+    # the validator's hotkey, bittensor's layout: <wallet_path>/<wallet_name>/hotkeys/<wallet_hotkey>
+    wallet_path: Path = Field(default_factory=default_wallet_path)
+    wallet_name: str = "validator"
+    wallet_hotkey: str = "default"
     host: str = "127.0.0.1"
     port: int = 8750
     db_url: str | None = None  # default: sqlite file under home
@@ -154,9 +157,10 @@ class MinerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "miner"
     home: Path = Field(default_factory=lambda: default_home() / "miner")
-    wallet_dir: Path = Field(default_factory=lambda: default_home() / "wallets")
-    wallet: str = "miner"
-    wallet_uri: str | None = None
+    # the miner's hotkey, bittensor's layout: <wallet_path>/<wallet_name>/hotkeys/<wallet_hotkey>
+    wallet_path: Path = Field(default_factory=default_wallet_path)
+    wallet_name: str = "miner"
+    wallet_hotkey: str = "default"
     validator_url: str = "http://127.0.0.1:8750"
     validator_hotkey: str
     executor_classes: dict[str, int] = {"always_on.test": 1}
@@ -226,3 +230,14 @@ def parse_env_value(value: str) -> Any:
             pass
     return value
 
+
+def add_wallet_args(ap: argparse.ArgumentParser) -> None:
+    """bittensor's wallet flags; each overrides the config's ``wallet_*`` field."""
+    ap.add_argument("--wallet.name", dest="wallet_name", default=None, help="wallet name (config: wallet_name)")
+    ap.add_argument("--wallet.hotkey", dest="wallet_hotkey", default=None, help="hotkey name (config: wallet_hotkey)")
+    ap.add_argument("--wallet.path", dest="wallet_path", default=None,
+                    help="folder of wallets (config: wallet_path; default ~/.bittensor/wallets)")
+
+
+def wallet_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("wallet_name", "wallet_hotkey", "wallet_path")}

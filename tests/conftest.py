@@ -100,7 +100,7 @@ def stack(engine, hub, tmp_path_factory) -> Stack:
             "RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": cap}})
         miners = {}
         for name in ("miner1", "miner2"):
-            miners[name] = json.loads((home / "wallets" / f"{name}.json").read_text())["ss58"]
+            miners[name] = json.loads((home / "wallets" / name / "hotkeys" / "default").read_text())["ss58Address"]
         yield Stack(home, state, token, state["validator_url"], cap, miners, local)
     finally:
         if ray.is_initialized():

@@ -18,7 +18,7 @@ def test_jobs_public_names():
 def test_cluster_public_names():
     assert sorted(cluster.__all__) == sorted([
         "ExecutorClass", "Hotkey", "LocalChain", "LocalStack", "MinerSettings", "SignedEnvelope", "ValidatorSettings",
-        "errors", "load_or_create_wallet", "load_settings", "open_envelope", "request_capability", "seal",
+        "errors", "load_settings", "load_wallet", "open_envelope", "request_capability", "seal",
     ])
     assert all(hasattr(cluster, name) for name in cluster.__all__)
 

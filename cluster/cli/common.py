@@ -15,7 +15,7 @@ from typing import Callable
 
 import click
 
-from cluster.protocol.identity import load_or_create_wallet
+from cluster.protocol.identity import create_dev_wallet
 from cluster.protocol.user import request_capability
 from cluster.settings import default_home
 
@@ -48,7 +48,7 @@ def with_options(options: list[Callable]) -> Callable:
     return deco
 
 
-def user_capability(state: dict, wallet: str, uri: str | None, max_jobs: int, ttl_s: int) -> str:
-    """A capability for the user's wallet (under the stack's home), signed by validator-core."""
-    hotkey = load_or_create_wallet(Path(state["home"]) / "wallets", wallet, uri=uri)
+def user_capability(state: dict, wallet: str, uri: str, max_jobs: int, ttl_s: int) -> str:
+    """A capability for the dev user's wallet (under the stack's home), signed by validator-core."""
+    hotkey = create_dev_wallet(Path(state["home"]) / "wallets", wallet, uri)
     return request_capability(state["validator_url"], hotkey, max_jobs=max_jobs, ttl_s=ttl_s)

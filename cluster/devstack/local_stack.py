@@ -21,9 +21,11 @@ import httpx
 from cluster.fabric import processes, ray_node
 from cluster.fabric.ports import PORT_BLOCK, HeadPorts, find_free_port_base
 from cluster.fabric.ray_node import short_tmp
+from cluster.protocol.identity import create_dev_wallet, read_or_create_secret
 from cluster.resources import config_path
 from cluster.settings import ValidatorSettings, load_settings, parse_env_value
 
+DEV_VALIDATOR_URI = "//Alice"
 DEV_MINER_URIS = ["//Bob", "//Charlie", "//Eve", "//Ferdie"]
 
 
@@ -84,13 +86,14 @@ class LocalStack:
         base = self.port_base or find_free_port_base(block=PORT_BLOCK * (self.miners + 1))  # head + miners
         vport = self.validator_port or find_free_port_base(block=1)
         venv = {f"RAYHORDE_VALIDATOR_{k.upper()}": str(v) for k, v in {
-            "home": self.home / "validator", "wallet_dir": self.home / "wallets", "port": vport,
+            "home": self.home / "validator", "wallet_path": self.home / "wallets", "port": vport,
             "ray_port_base": base}.items()}
         venv.update(self.validator_env)
         overrides = {k.removeprefix("RAYHORDE_VALIDATOR_").lower(): parse_env_value(v) for k, v in venv.items()}
         vsettings = load_settings(ValidatorSettings, self.validator_config, env_prefix="__unused__", **overrides)
-        from cluster.protocol.identity import read_or_create_secret
-
+        # dev wallets, derived from well-known URIs (only here: roles load wallets, never derive them)
+        validator = create_dev_wallet(vsettings.wallet_path, vsettings.wallet_name, DEV_VALIDATOR_URI,
+                                      vsettings.wallet_hotkey)
         token = read_or_create_secret(vsettings.token_path())
         ports = HeadPorts.from_base(base)
         state: dict[str, Any] = {"home": str(self.home), "validator_url": vsettings.url,
@@ -112,13 +115,13 @@ class LocalStack:
                 name = f"miner{i + 1}"
                 mhome = self.home / name
                 menv = {f"RAYHORDE_MINER_{k.upper()}": str(v) for k, v in {
-                    "name": name, "home": mhome, "wallet_dir": self.home / "wallets", "wallet": name,
-                    "wallet_uri": self.miner_uris[i], "validator_url": vsettings.url,
-                    "validator_hotkey": _validator_ss58(vsettings),
+                    "name": name, "home": mhome, "wallet_path": self.home / "wallets", "wallet_name": name,
+                    "validator_url": vsettings.url, "validator_hotkey": validator.ss58,
                     "executor_classes": json.dumps({"always_on.test": self.executors_per_miner}),
                     "node_port_base": base + PORT_BLOCK * (i + 1),
                     "ray_temp_dir": short_tmp(self.home, name)}.items()}
                 menv.update(self.miner_env)
+                create_dev_wallet(self.home / "wallets", name, self.miner_uris[i])
                 self._spawn(state, name, [sys.executable, "-m", "cluster.miner.main", "--config",
                                           str(self.miner_config)], menv)
                 state["miners"][name] = {"home": str(mhome)}
@@ -185,11 +188,6 @@ class LocalStack:
         if self.state_file.exists():
             self.state_file.unlink()
         return stopped
-
-
-def _validator_ss58(settings: ValidatorSettings) -> str:
-    from cluster.protocol.identity import load_or_create_wallet
-    return load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri).ss58
 
 
 def _wait_http(url: str, timeout_s: float) -> None:

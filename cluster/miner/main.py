@@ -14,6 +14,7 @@ import logging
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from cluster.protocol.envelope import seal
 from cluster.protocol.http import ServiceClient
 from cluster.fabric.ports import find_free_port_base
 from cluster.fabric.processes import command_line
-from cluster.protocol.identity import Hotkey, load_or_create_wallet
+from cluster.protocol.identity import Hotkey, load_wallet
 from cluster.miner.agent import AgentCore
 from cluster.miner.docker_runtime import DockerRuntime
 from cluster.miner.executor_api import ExecutorServer
@@ -32,9 +33,9 @@ from cluster.miner.streams import StreamKeeper
 from cluster.protocol.messages import (
     Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted,
 )
-from cluster.settings import MinerSettings, load_executor_classes, load_settings
+from cluster.settings import MinerSettings, add_wallet_args, load_executor_classes, load_settings, wallet_overrides
 from cluster.protocol.version import local_versions
-from cluster.errors import Refused
+from cluster.errors import ConfigError, Refused
 
 log = logging.getLogger("rayhorde.agent")
 
@@ -74,12 +75,17 @@ def _stop_orphaned_node(node_file: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default=None)
+    add_wallet_args(ap)
     args = ap.parse_args(argv)
-    settings = load_settings(MinerSettings, args.config, env_prefix="RAYHORDE_MINER_")
+    try:
+        settings = load_settings(MinerSettings, args.config, env_prefix="RAYHORDE_MINER_", **wallet_overrides(args))
+        hotkey = load_wallet(settings.wallet_path, settings.wallet_name, settings.wallet_hotkey)
+    except ConfigError as exc:  # one line: what is wrong and how to fix it
+        print(f"miner agent: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{settings.name}] %(levelname)s %(message)s")
     home = settings.home
     home.mkdir(parents=True, exist_ok=True)
-    hotkey = load_or_create_wallet(settings.wallet_dir, settings.wallet, uri=settings.wallet_uri)
     runtime = DockerRuntime(settings.docker_host)
     runtime.ping()
     classes = load_executor_classes(settings.executor_classes_path)

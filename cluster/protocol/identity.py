@@ -1,20 +1,18 @@
-"""Hotkeys (sr25519 via bittensor-wallet), local dev wallets and the injectable clock.
+"""Hotkeys (sr25519 via bittensor-wallet), wallets in bittensor's layout and the injectable clock.
 
-A wallet file holds a secret (mnemonic or dev URI) and lives only with the trusted process that
-owns it: validator-core, a miner agent or a user's CLI, never a Ray worker (a Ray cluster lets
+A hotkey file holds a secret and lives only with the trusted process that owns it: validator-core, a miner agent or a user's CLI, never a Ray worker (a Ray cluster lets
 any member run code on any node, so a secret in a worker is a secret every miner can read).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
 from pathlib import Path
 from typing import Callable
 
-from bittensor_wallet import Keypair
+from bittensor_wallet import Keypair, Wallet
 
 from cluster.errors import ConfigError
 
@@ -74,33 +72,44 @@ def is_ss58(value: str) -> bool:
         return False
 
 
-def load_or_create_wallet(wallet_dir: str | os.PathLike, name: str, *, uri: str | None = None) -> Hotkey:
-    """Load wallet ``name``; create it on first use (from ``uri`` if given, else a fresh mnemonic).
+def default_wallet_path() -> Path:
+    """Where bittensor keeps wallets: ``~/.bittensor/wallets``."""
+    return Path.home() / ".bittensor" / "wallets"
 
-    Files are written 0600, atomically, so a crash never leaves half a wallet.
-    """
-    path = Path(wallet_dir) / f"{name}.json"
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if "uri" in data:
-                return Hotkey.from_uri(data["uri"])
-            return Hotkey(Keypair.create_from_mnemonic(data["mnemonic"]))
-        except Exception as exc:
-            raise ConfigError(f"wallet {path} is unreadable ({exc}); delete it to create a new one") from exc
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if uri is not None:
-        hotkey, data = Hotkey.from_uri(uri), {"uri": uri}
-    else:
-        mnemonic = Keypair.generate_mnemonic()
-        hotkey, data = Hotkey(Keypair.create_from_mnemonic(mnemonic)), {"mnemonic": mnemonic}
-    data.update(name=name, ss58=hotkey.ss58)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
-    return hotkey
+
+def load_wallet(path: str | os.PathLike, name: str, hotkey: str = "default") -> Hotkey:
+    """The hotkey of bittensor wallet ``name`` (``--wallet.name``), hotkey ``hotkey``
+    (``--wallet.hotkey``) under ``path`` (``--wallet.path``), in bittensor's layout
+    ``<path>/<name>/hotkeys/<hotkey>``. Never creates anything: a missing or unreadable wallet is a
+    :class:`ConfigError` of one line. Encrypted hotkeys are refused (roles run unattended)."""
+    root = Path(path).expanduser()
+    file = root / name / "hotkeys" / hotkey
+    fix = (f"create one with `btcli wallet new_hotkey --wallet.name {name} --wallet.hotkey {hotkey} "
+           f"--wallet.path {root}`, or point --wallet.name / --wallet.hotkey / --wallet.path at yours")
+    if not file.is_file():
+        raise ConfigError(f"no hotkey file {file}; {fix}")
+    wallet = Wallet(name=name, hotkey=hotkey, path=str(root))
+    try:
+        if wallet.hotkey_file.is_encrypted():
+            raise ConfigError(f"hotkey file {file} is encrypted; rayhorde runs unattended and needs an "
+                              "unencrypted hotkey (the coldkey is never needed)")
+        return Hotkey(wallet.get_hotkey())
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"hotkey file {file} is unreadable ({' '.join(str(exc).split())}); {fix}") from exc
+
+
+def create_dev_wallet(path: str | os.PathLike, name: str, uri: str, hotkey: str = "default") -> Hotkey:
+    """The development stack's wallets only: hotkey ``name``/``hotkey`` under ``path`` derived from
+    a well-known dev URI (``//Alice``, ``//Bob``...), written once (0600) in bittensor's layout and
+    loaded as it is afterwards. Production roles never derive keys; they :func:`load_wallet`."""
+    file = Path(path) / name / "hotkeys" / hotkey
+    if not file.is_file():
+        Path(path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        Wallet(name=name, hotkey=hotkey, path=str(path)).set_hotkey(Keypair.create_from_uri(uri), encrypt=False,
+                                                                    overwrite=False)
+    return load_wallet(path, name, hotkey)
 
 
 def read_or_create_secret(path: Path) -> str:

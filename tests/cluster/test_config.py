@@ -1,12 +1,14 @@
 """Settings, executor classes, the local chain and wallets: clear errors for bad files."""
 
 import json
+import os
 import stat
 
 import pytest
+from bittensor_wallet import Keypair, Wallet
 
 from cluster.chain import LocalChain
-from cluster.protocol.identity import load_or_create_wallet
+from cluster.protocol.identity import Hotkey, create_dev_wallet, load_wallet
 from cluster.resources import config_path
 from cluster.settings import MinerSettings, ValidatorSettings, load_executor_classes, load_settings
 from cluster.errors import ConfigError
@@ -50,15 +52,58 @@ def test_malformed_metagraph_is_a_clear_error(tmp_path):
         LocalChain(config_path("metagraph.local.json")).metagraph(13)
 
 
-def test_wallet_created_once_with_private_permissions(tmp_path):
-    first = load_or_create_wallet(tmp_path, "m")
-    again = load_or_create_wallet(tmp_path, "m")
-    assert first.ss58 == again.ss58
-    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o600
-    assert "mnemonic" not in repr(first)
-    (tmp_path / "m.json").write_text("{")
-    with pytest.raises(ConfigError, match="unreadable"):
-        load_or_create_wallet(tmp_path, "m")
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_a_wallet_in_bittensors_layout_loads_as_its_hotkey(tmp_path):
+    """A hotkey written the way bittensor (btcli) writes it loads as that hotkey; nothing is written."""
+    kp = Keypair.create_from_mnemonic(Keypair.generate_mnemonic())
+    Wallet(name="op", hotkey="hk1", path=str(tmp_path)).set_hotkey(kp, encrypt=False, overwrite=False)
+    before = _files(tmp_path)
+    hotkey = load_wallet(tmp_path, "op", "hk1")
+    assert hotkey.ss58 == kp.ss58_address and "mnemonic" not in repr(hotkey)
+    assert _files(tmp_path) == before
+
+
+def test_a_missing_wallet_is_one_line_and_creates_nothing(tmp_path):
+    for name, hotkey in (("nobody", "default"), ("op", "missing")):
+        with pytest.raises(ConfigError) as err:
+            load_wallet(tmp_path / "wallets", name, hotkey)
+        assert "\n" not in str(err.value) and f"no hotkey file {tmp_path}/wallets/{name}/hotkeys/{hotkey}" in str(err.value)
+        assert "btcli wallet new_hotkey" in str(err.value)
+    assert _files(tmp_path) == []
+    (tmp_path / "op" / "hotkeys").mkdir(parents=True)
+    (tmp_path / "op" / "hotkeys" / "bad").write_text("{not a key")
+    with pytest.raises(ConfigError, match="hotkey file .*bad is unreadable") as err:
+        load_wallet(tmp_path, "op", "bad")
+    assert "\n" not in str(err.value)
+
+
+def test_a_role_with_a_missing_wallet_exits_with_one_line(tmp_path):
+    """validator-core and the miner agent refuse to start without their wallet, in one line, and
+    write no wallet (production roles never derive or create keys)."""
+    import subprocess
+    import sys
+    for module in ("cluster.validator.main", "cluster.miner.main"):
+        out = subprocess.run([sys.executable, "-m", module, "--wallet.path", str(tmp_path / "w"), "--wallet.name",
+                              "op", "--wallet.hotkey", "hk"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "RAYHORDE_MINER_VALIDATOR_HOTKEY": "x", "RAYHORDE_HOME": str(tmp_path)})
+        assert out.returncode != 0
+        assert out.stderr.strip().splitlines()[-1].endswith(
+            f"no hotkey file {tmp_path}/w/op/hotkeys/hk; create one with `btcli wallet new_hotkey --wallet.name op "
+            f"--wallet.hotkey hk --wallet.path {tmp_path}/w`, or point --wallet.name / --wallet.hotkey / "
+            "--wallet.path at yours"), (module, out.stderr)
+        assert not (tmp_path / "w").exists()
+
+
+def test_dev_wallets_are_written_once_in_bittensors_layout(tmp_path):
+    first = create_dev_wallet(tmp_path, "miner1", "//Bob")
+    assert first.ss58 == Hotkey.from_uri("//Bob").ss58
+    file = tmp_path / "miner1" / "hotkeys" / "default"
+    assert stat.S_IMODE(file.stat().st_mode) == 0o600
+    assert create_dev_wallet(tmp_path, "miner1", "//Charlie").ss58 == first.ss58  # never overwritten
+    assert load_wallet(tmp_path, "miner1").ss58 == first.ss58
 
 
 def test_relative_paths_follow_the_config_file_not_the_checkout(tmp_path, monkeypatch):

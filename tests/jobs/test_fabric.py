@@ -85,8 +85,8 @@ def test_a_task_on_the_miners_node_finds_nothing_valuable(stack, secret_job):
     assert seen["env"]["RAYHORDE_AGENT_SOCKET"].endswith("agent.sock")  # it ran on a miner node
     haystack = json.dumps(seen)
     miner_name = next(n for n, hk in stack.miners.items() if hk == handle.miner_hotkey)
-    wallet = json.loads((stack.home / "wallets" / f"{miner_name}.json").read_text())
-    validator_wallet = json.loads((stack.home / "wallets" / "validator.json").read_text())
+    wallet = json.loads((stack.home / "wallets" / miner_name / "hotkeys" / "default").read_text())
+    validator_wallet = json.loads((stack.home / "wallets" / "validator" / "hotkeys" / "default").read_text())
     forbidden = {
         "job env value": secret_job["secret"],
         "job spec": 'echo "Hello, $NAME!"',
@@ -94,8 +94,8 @@ def test_a_task_on_the_miners_node_finds_nothing_valuable(stack, secret_job):
         "validator URL": stack.validator_url,
         "validator port": stack.validator_url.rsplit(":", 1)[1],
         "capability": stack.capability,
-        "miner secret (uri/mnemonic)": wallet.get("uri") or wallet.get("mnemonic"),
-        "validator secret": validator_wallet.get("uri") or validator_wallet.get("mnemonic"),
+        "miner secret (private key)": wallet["privateKey"].removeprefix("0x"),
+        "validator secret (private key)": validator_wallet["privateKey"].removeprefix("0x"),
         "ticket id": handle.ticket_id,
     }
     leaks = [what for what, value in forbidden.items() if value and value in haystack]

@@ -372,7 +372,7 @@ def test_a_database_of_the_previous_layout_opens_and_its_streams_name_current_mo
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _FakeServeRest.puts = []
     repo = Path(__file__).resolve().parents[3]
-    settings = ValidatorSettings(home=tmp_path, wallet_dir=tmp_path, db_url=db_url, deploy_streams=True,
+    settings = ValidatorSettings(home=tmp_path, wallet_path=tmp_path, db_url=db_url, deploy_streams=True,
                                  ray_port_base=server.server_address[1] - 1,  # the dashboard is base + 1
                                  metagraph_path=repo / "configs" / "metagraph.local.json",
                                  executor_classes_path=repo / "configs" / "executor_classes.toml",

@@ -52,7 +52,7 @@ class Harness:
     def __init__(self, tmp: Path, db_url: str) -> None:
         self.clock = Clock()
         shutil.copy(REPO / "configs" / "metagraph.local.json", tmp / "metagraph.json")  # Alice, Bob, Charlie
-        self.settings = ValidatorSettings(home=tmp, wallet_dir=tmp, db_url=db_url, users=[DAVE.ss58],
+        self.settings = ValidatorSettings(home=tmp, wallet_path=tmp, db_url=db_url, users=[DAVE.ss58],
                                           metagraph_path=tmp / "metagraph.json",
                                           executor_classes_path=REPO / "configs" / "executor_classes.toml")
         self.cores: list[ValidatorCore] = []
