@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+from cluster.protocol.identity import create_dev_wallet
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
 
 def test_agent_refuses_to_offer_a_gpu_class_without_the_toolkit(engine, tmp_path):
-    env = {**os.environ, "RAYHORDE_MINER_HOME": str(tmp_path / "m"), "RAYHORDE_MINER_WALLET_DIR": str(tmp_path / "w"),
+    create_dev_wallet(tmp_path / "w", "miner", "//Bob")
+    env = {**os.environ, "RAYHORDE_MINER_HOME": str(tmp_path / "m"), "RAYHORDE_MINER_WALLET_PATH": str(tmp_path / "w"),
            "RAYHORDE_MINER_VALIDATOR_URL": "http://127.0.0.1:9",  # never reached: refused before admission
            "RAYHORDE_MINER_EXECUTOR_CLASSES": '{"always_on.gpu-24gb": 1}'}
     done = subprocess.run([sys.executable, "-m", "cluster.miner.main", "--config",
