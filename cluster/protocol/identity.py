@@ -1,7 +1,8 @@
 """Hotkeys (sr25519 via bittensor-wallet), wallets in bittensor's layout and the injectable clock.
 
-A hotkey file holds a secret and lives only with the trusted process that owns it: validator-core, a miner agent or a user's CLI, never a Ray worker (a Ray cluster lets
-any member run code on any node, so a secret in a worker is a secret every miner can read).
+A hotkey file holds a secret and lives only with the trusted process that owns it: validator-core,
+a miner agent or a user's CLI, never a Ray worker (a Ray cluster lets any member run code on any
+node, so a secret in a worker is a secret every miner can read).
 """
 
 from __future__ import annotations
