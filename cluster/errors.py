@@ -22,7 +22,8 @@
         ├── VerifierExiting        a warm verifier was closing when a batch reached it: use a fresh one
         ├── ServiceUnavailable     a service did not answer (down, timed out, connection refused)
         │   ├── JobNotFinished     ``JobHandle.result(timeout_s)`` ran out before a final status
-        │   └── StreamFailed       a streaming job ended, or never became ready
+        │   ├── StreamFailed       a streaming job ended, or never became ready
+        │   └── CertificateUntrusted  a service's TLS certificate is not signed by a CA the client trusts
         ├── ImageUnavailable       the job's image is not on the miner and could not be pulled
         │   └── ImagePullFailed    the pull failed, timed out or gave another digest
         ├── VolumeError            an input volume could not be prepared; ``reason``
@@ -128,6 +129,13 @@ class StreamFailed(ServiceUnavailable):
     def __init__(self, message: str, view: Any = None) -> None:
         super().__init__(message)
         self.view = view
+
+
+class CertificateUntrusted(ServiceUnavailable):
+    """A service answered TLS with a certificate the client does not trust (another CA, another
+    host name, expired): the connection was refused before anything was sent. The fix is the
+    client's CA bundle (``--ca-bundle``, ``RAYHORDE_CA_BUNDLE``, ``ca_bundle_path``), or the
+    service's certificate."""
 
 
 class ChainError(ExternalError):

@@ -70,8 +70,15 @@ class ValidatorSettings(BaseModel):
     wallet_path: Path = Field(default_factory=default_wallet_path)
     wallet_name: str = "validator"
     wallet_hotkey: str = "default"
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # validator-core binds here
     port: int = 8750
+    public_url: str = ""  # how miners and users reach validator-core; default: http(s)://<host>:<port>
+    ray_node_ip: str = "127.0.0.1"  # the Ray head's address: miners' nodes reach its GCS here
+    # HTTPS: validator-core serves TLS when given both; the CA bundle verifies miners' proxies
+    # (collector, probes); unset: the system's CAs
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    ca_bundle_path: Path | None = None
     db_url: str | None = None  # default: sqlite file under home
     metagraph_path: Path = Field(default_factory=lambda: config_path("metagraph.local.json"))
     executor_classes_path: Path = Field(default_factory=lambda: config_path("executor_classes.toml"))
@@ -88,10 +95,15 @@ class ValidatorSettings(BaseModel):
     deadline_leeway_s: float = Field(ge=0, default=30)
     max_attempts: int = Field(ge=1, default=3)
     incident_penalty_s: float = Field(ge=0, default=600)  # a charged incident lowers a miner's priority this long
+    unreachable_free: int = Field(ge=0, default=5)  # work lost to a silent miner is not charged this often per penalty window
     sweep_interval_s: float = Field(gt=0, default=1)
     ray_port_base: int = 6380
-    ray_gcs_address: str | None = None  # default: 127.0.0.1:<ray_port_base>
+    ray_gcs_address: str | None = None  # default: <ray_node_ip>:<ray_port_base>
     ray_token_path: Path | None = None  # default: <home>/ray_token
+    # the head `rayhorde validator run` starts (the dev stack starts its own)
+    head_num_cpus: int = Field(ge=0, default=1)
+    head_object_store_mb: int = Field(ge=50, default=100)
+    ray_temp_dir: Path | None = None  # default /tmp/rh-<hash of home>-head: unix socket paths are limited to 107 bytes
     # streaming jobs (Serve apps driven through the head's Serve REST API)
     whitelist_path: Path = Field(default_factory=lambda: config_path("serve_apps.toml"))
     deploy_streams: bool = True  # false: no Ray head to deploy to (unit tests)
@@ -132,7 +144,8 @@ class ValidatorSettings(BaseModel):
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_cert_path else "http"
+        return self.public_url.rstrip("/") or f"{scheme}://{self.host}:{self.port}"
 
     def resolved_db_url(self) -> str:
         return self.db_url or f"sqlite:///{self.home / 'validator.db'}"
@@ -141,7 +154,7 @@ class ValidatorSettings(BaseModel):
         return self.weights_path or self.home / "chain-weights.jsonl"
 
     def gcs_address(self) -> str:
-        return self.ray_gcs_address or f"127.0.0.1:{self.ray_port_base}"
+        return self.ray_gcs_address or f"{self.ray_node_ip}:{self.ray_port_base}"
 
     def token_path(self) -> Path:
         return self.ray_token_path or self.home / "ray_token"
@@ -165,8 +178,14 @@ class MinerSettings(BaseModel):
     validator_hotkey: str
     executor_classes: dict[str, int] = {"always_on.test": 1}
     executor_classes_path: Path = Field(default_factory=lambda: config_path("executor_classes.toml"))
-    proxy_url: str = ""  # the public address of this miner's streaming proxy (default http://127.0.0.1:<proxy_port>)
-    proxy_port: int = 0  # the proxy binds 127.0.0.1:<proxy_port>; 0: node_port_base + 9
+    proxy_url: str = ""  # the public address of this miner's streaming proxy (default http(s)://<proxy_host>:<proxy_port>)
+    proxy_host: str = "127.0.0.1"  # the proxy binds <proxy_host>:<proxy_port>
+    proxy_port: int = 0  # 0: node_port_base + 9
+    ray_node_ip: str = "127.0.0.1"  # this miner's Ray node: the validator's head connects back to it here
+    # HTTPS: the proxy serves TLS when given both; the CA bundle verifies validator-core; unset: the system's CAs
+    tls_cert_path: Path | None = None
+    tls_key_path: Path | None = None
+    ca_bundle_path: Path | None = None
     stream_idle_timeout_s: float = Field(gt=0, default=10)  # a stream that sends nothing this long is ended
     stream_volume_max_mb: int = Field(gt=0, default=64)  # a file sent to a streaming job
     num_cpus: int = Field(ge=0, default=1)

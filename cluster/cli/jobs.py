@@ -9,6 +9,7 @@ never from the driver's output.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 import click
 
 from cluster.cli.common import home_dir, home_option, stack_state, user_capability, user_options, with_options
-from cluster.protocol.http import ServiceClient
+from cluster.protocol.http import CA_BUNDLE_ENV, ServiceClient
 from cluster.protocol.jobs import JobView
 
 
@@ -54,9 +55,11 @@ def run_job(state: dict, spec: dict, *, wallet: str = "user", wallet_uri: str | 
     cap = user_capability(state, wallet, wallet_uri, max_jobs=1, ttl_s=600)
     token = Path(state["token_path"]).read_text().strip()
     client = JobSubmissionClient(state["dashboard_url"], headers={"Authorization": f"Bearer {token}"})
+    env = {"RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": cap}
+    if os.environ.get(CA_BUNDLE_ENV):  # the driver verifies validator-core as this command does
+        env[CA_BUNDLE_ENV] = os.environ[CA_BUNDLE_ENV]
     sub = client.submit_job(entrypoint=f"python -m jobs {shlex.quote(json.dumps(spec))} {int(timeout_s)}",
-                            runtime_env={"env_vars": {"RAYHORDE_VALIDATOR_URL": state["validator_url"],
-                                                      "RAYHORDE_CAPABILITY": cap}})
+                            runtime_env={"env_vars": env})
     deadline = time.monotonic() + timeout_s
     job_id = None
     while job_id is None:  # the driver prints the job id as soon as validator-core accepted it

@@ -1,6 +1,6 @@
 """``rayhorde``: the local stack (up / down / status / demo), scores, capabilities, proofs, and
-the command groups of :mod:`cluster.cli.jobs` (``job``) and :mod:`cluster.cli.streams`
-(``stream``). Shared helpers live in :mod:`cluster.cli.common`; this module only assembles."""
+the command groups of :mod:`cluster.cli.jobs` (``job``), :mod:`cluster.cli.streams`
+(``stream``) and :mod:`cluster.cli.roles` (``validator``, ``miner``: one role per host). Shared helpers live in :mod:`cluster.cli.common`; this module only assembles."""
 
 from __future__ import annotations
 
@@ -10,11 +10,15 @@ from pathlib import Path
 
 import click
 
-from cluster.cli.common import home_dir, home_option, stack_state, user_capability, user_options, with_options
+from cluster.cli.common import (
+    ca_bundle_option, home_dir, home_option, stack_state, user_capability, user_options, with_options,
+)
 from cluster.cli.jobs import job
+from cluster.cli.roles import miner, validator
 from cluster.cli.streams import stream
 from cluster.devstack.local_stack import LocalStack
 from cluster.errors import ProofInvalid, RayhordeError
+from cluster.protocol.http import ServiceClient
 
 
 class _Group(click.Group):
@@ -35,6 +39,8 @@ def main() -> None:
 
 main.add_command(job)
 main.add_command(stream)
+main.add_command(validator)
+main.add_command(miner)
 
 
 @main.command()
@@ -67,11 +73,11 @@ def down(home: str | None) -> None:
 
 @main.command()
 @home_option
+@ca_bundle_option
 def status(home: str | None) -> None:
     """Show the admitted miners and job counts."""
-    import httpx
     state = stack_state(home_dir(home))
-    st = httpx.get(f"{state['validator_url']}/v1/status", timeout=10).json()
+    st = ServiceClient(state["validator_url"], timeout_s=10).get("/v1/status")
     click.echo(f"validator {st['validator']}  gcs {st['gcs_address']}  jobs {st['jobs']}")
     for m in st["miners"]:
         click.echo(f"  miner {m['hotkey']}  node {str(m['node_id'])[:12]}  executors {m['executor_classes']}  "
@@ -82,14 +88,11 @@ def status(home: str | None) -> None:
 @home_option
 @click.option("--validator", "validator_url", default=None, help="validator-core URL (default: the local stack's)")
 @click.option("--closed", default=3, show_default=True, help="how many closed cycles to show")
+@ca_bundle_option
 def scores(home: str | None, validator_url: str | None, closed: int) -> None:
     """Show the running scoring cycle and the last closed ones (executor-seconds, weights)."""
-    import httpx
     url = validator_url or stack_state(home_dir(home))["validator_url"]
-    resp = httpx.get(f"{url}/v1/scores", params={"closed": closed}, timeout=10)
-    if resp.status_code != 200:
-        raise click.ClickException(f"validator-core answered {resp.status_code}: {resp.text[:300]}")
-    body = resp.json()
+    body = ServiceClient(url, timeout_s=10).get("/v1/scores", params={"closed": closed})
     for c in [body["current"], *body["closed"]]:
         head = "running" if c["partial"] else f"closed, weights {c['chain_status']}"
         click.echo(f"cycle {c['cycle']} ({head}; {body['cycle_s']:g} s)")

@@ -1,12 +1,17 @@
-"""Launching and stopping the Ray processes of rayhorde, each in its own OS process, on
-127.0.0.1, token auth on.
+"""Launching and stopping the Ray processes of rayhorde, each in its own OS process, token auth
+on, on 127.0.0.1 (the one-machine dev stack) or on a host's own address (a deployment).
 
 Why (measured with Ray 2.60.0):
 * On Linux Ray rewrites 127.0.0.1 to the routable address and listens on all interfaces;
   ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps a node on loopback, but then ``ray start
-  --address`` refuses to join. So the head is ``ray start --head --block`` and every other node is
-  this module's ``worker`` entry point, driving ``ray._private.node.Node`` (the API
-  ``ray.cluster_utils.Cluster.add_node`` uses) in its own process.
+  --address`` refuses to join. So every node is this module's entry point (``head`` or
+  ``worker``), driving ``ray._private.node.Node`` (what ``ray start`` and
+  ``ray.cluster_utils.Cluster.add_node`` drive) in its own process. On a routable address a miner
+  could equally join with ``ray start --address=<head>:<gcs port> --node-ip-address=<its address>``
+  (measured, DESIGN §8); the entry point adds the node-id file the agent reports.
+* ``ray start --head`` always starts the Ray Client server (when its package is installed) on
+  the node's address, which is public on a deployed head: the ``head`` entry point starts none.
+  The dashboard (Jobs API, Serve REST) binds 127.0.0.1 only.
 * Token auth is on by default: every process needs ``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN``.
   The environment comes from an allow-list: the parent's secrets never reach Ray workers.
 * Default ports collide when nodes share a host: every port is explicit (``ports.HeadPorts``).
@@ -53,9 +58,9 @@ def python_path() -> str:
     return str(package_root())
 
 
-def ray_env(token: str, base_env: dict | None = None) -> dict[str, str]:
+def ray_env(token: str, base_env: dict | None = None, *, node_ip: str = LOOPBACK) -> dict[str, str]:
     """Minimal environment for Ray processes: allow-listed variables of ``base_env``
-    (default ``os.environ``), the venv first on PATH, token auth, everything on loopback."""
+    (default ``os.environ``), the venv first on PATH, token auth; on loopback when ``node_ip`` is."""
     src = os.environ if base_env is None else base_env
     env = {k: src[k] for k in ENV_ALLOW_LIST if k in src}
     env.setdefault("HOME", os.path.expanduser("~"))
@@ -64,9 +69,9 @@ def ray_env(token: str, base_env: dict | None = None) -> dict[str, str]:
     env["PATH"] = os.pathsep.join([venv_bin, src.get("PATH") or "/usr/local/bin:/usr/bin:/bin"])
     if sys.prefix != sys.base_prefix:
         env["VIRTUAL_ENV"] = sys.prefix
-    # ..._CLUSTER=0 keeps node IP resolution and listeners on 127.0.0.1; no usage-stats report.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")  # no usage report
+    if node_ip == LOOPBACK:  # keeps node IP resolution and listeners on 127.0.0.1
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return env
 
 
@@ -104,21 +109,24 @@ def head_command(ports: HeadPorts, *, temp_dir: str, num_cpus: int, object_store
                   "--disable-usage-stats"]
 
 
-def head_env(token: str, temp_dir: str) -> dict[str, str]:
+def head_env(token: str, temp_dir: str, *, node_ip: str = LOOPBACK) -> dict[str, str]:
     """A head's environment: ``ray_env`` plus its TMPDIR, and no drain on SIGTERM (a 2.60 head
     otherwise "drains" itself for up to 30 s, which never completes for a head: 0 makes
     ``stop_process`` take ~2-4 s instead of ~30 s)."""
-    return {**ray_env(token), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": temp_dir}
+    return {**ray_env(token, node_ip=node_ip), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "TMPDIR": temp_dir}
 
 
 def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1,
                object_store_mb: int = 100, log_path: str, extra_env: dict | None = None,
-               cwd: str | None = None) -> subprocess.Popen:
-    """Start ``ray start --head --block`` in a new session; returns at once (see wait_head_ready).
+               cwd: str | None = None, node_ip: str = LOOPBACK) -> subprocess.Popen:
+    """Start a head node (this module's ``head`` entry point) on ``node_ip`` in a new session;
+    returns at once (see wait_head_ready). No Ray Client server; the dashboard on 127.0.0.1.
 
     Head tasks run in ``cwd``, by default an empty ``<temp_dir>/cwd`` (not the session files)."""
-    cmd = head_command(ports, temp_dir=temp_dir, num_cpus=num_cpus, object_store_mb=object_store_mb)
-    env = {**head_env(token, temp_dir), **(extra_env or {})}
+    cmd = [sys.executable, "-m", "cluster.fabric.ray_node", "head", f"--node-ip-address={node_ip}",
+           f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", f"--object-store-mb={object_store_mb}",
+           f"--ports-base={ports.gcs}", "--resources={}"]
+    env = {**head_env(token, temp_dir, node_ip=node_ip), "PYTHONPATH": python_path(), **(extra_env or {})}
     return spawn(cmd, env, log_path, cwd or os.path.join(temp_dir, "cwd"))
 
 
@@ -142,7 +150,7 @@ def wait_head_ready(ports: HeadPorts, token: str, timeout_s: float = 60) -> None
 
 def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict[str, float],
                  num_cpus: int, object_store_mb: int, node_ports_base: int, node_id_file: str,
-                 log_path: str, cwd: str, extra_env: dict | None = None) -> subprocess.Popen:
+                 log_path: str, cwd: str, extra_env: dict | None = None, node_ip: str = LOOPBACK) -> subprocess.Popen:
     """Start a worker node (this module's ``worker`` entry point) in a new session, in ``cwd``.
 
     It writes ``{"node_id", "pid"}`` to ``node_id_file`` once the node is registered in the GCS.
@@ -153,11 +161,11 @@ def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict
         f"--gcs-address={gcs_address}", f"--temp-dir={temp_dir}",
         f"--resources={json.dumps(resources)}", f"--num-cpus={num_cpus}",
         f"--object-store-mb={object_store_mb}", f"--ports-base={node_ports_base}",
-        f"--node-id-file={os.path.abspath(node_id_file)}",
+        f"--node-id-file={os.path.abspath(node_id_file)}", f"--node-ip-address={node_ip}",
     ]
     # cwd is empty, so the launcher (and, inheriting it, Ray workers, which must import rayhorde
     # modules that cloudpickle references by name) find this package through PYTHONPATH.
-    env = {**ray_env(token), "PYTHONPATH": python_path(), "TMPDIR": temp_dir, **(extra_env or {})}
+    env = {**ray_env(token, node_ip=node_ip), "PYTHONPATH": python_path(), "TMPDIR": temp_dir, **(extra_env or {})}
     return spawn(cmd, env, log_path, cwd)
 
 
@@ -200,20 +208,24 @@ def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
         proc.poll()
 
 
-def _worker_main(argv: list[str]) -> int:
+def _node_main(role: str, argv: list[str]) -> int:
+    """Run one Ray node (``head`` or ``worker``) until SIGTERM, with every port explicit."""
     import ray._private.node
     import ray._private.parameter
     import ray._private.services
+    import ray._private.utils
 
-    p = argparse.ArgumentParser(prog="ray_node worker")
-    for name in ("gcs-address", "temp-dir", "resources", "node-id-file"):
+    p = argparse.ArgumentParser(prog=f"ray_node {role}")
+    for name in ("temp-dir", "resources", "node-ip-address"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--gcs-address", required=role == "worker")
+    p.add_argument("--node-id-file", required=role == "worker")
     for name in ("num-cpus", "object-store-mb", "ports-base"):
         p.add_argument(f"--{name}", type=int, required=True)
     a = p.parse_args(argv)
     ports = HeadPorts.from_base(a.ports_base)
     params = ray._private.parameter.RayParams(
-        gcs_address=a.gcs_address, node_ip_address=LOOPBACK, temp_dir=a.temp_dir,
+        node_ip_address=a.node_ip_address, temp_dir=a.temp_dir,
         num_cpus=a.num_cpus, num_gpus=0, resources=json.loads(a.resources),
         object_store_memory=a.object_store_mb * 1024 * 1024,
         node_manager_port=ports.node_manager, object_manager_port=ports.object_manager,
@@ -222,24 +234,38 @@ def _worker_main(argv: list[str]) -> int:
         metrics_export_port=ports.metrics_export, runtime_env_agent_port=ports.runtime_env_agent,
         min_worker_port=ports.min_worker, max_worker_port=ports.max_worker,
     )
+    if role == "head":  # what `ray start --head` sets, minus the Ray Client server
+        params.update(gcs_server_port=ports.gcs, include_dashboard=True, dashboard_host=LOOPBACK,
+                      dashboard_port=ports.dashboard)
+    else:
+        params.update(gcs_address=a.gcs_address)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+    node = ray._private.node.Node(params, head=role == "head", shutdown_at_exit=False, spawn_reaper=False)
     try:
         ray._private.services.wait_for_node(node.gcs_address, node.plasma_store_socket_name, 60)
-        tmp = f"{a.node_id_file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"node_id": node.node_id, "pid": os.getpid()}, f)
-        os.replace(tmp, a.node_id_file)
+        if role == "head":  # what `ray start --head` records: Jobs drivers find their cluster by it
+            ray._private.utils.write_ray_address(node.gcs_address, a.temp_dir)
+        if a.node_id_file:
+            tmp = f"{a.node_id_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"node_id": node.node_id, "pid": os.getpid()}, f)
+            os.replace(tmp, a.node_id_file)
         while not stop.wait(1.0):
-            pass
+            # like `ray start --block`: a node whose raylet (or GCS...) died is gone as a whole, e.g.
+            # a raylet the head declared dead after a cut link exits when the link returns; the
+            # agent watching this process then reports it and rejoins
+            dead = [kind for kind, _ in node.dead_processes()]
+            if dead:
+                print(f"ray_node {role}: {', '.join(dead)} exited; stopping the node", file=sys.stderr, flush=True)
+                return 1
     finally:
         node.kill_all_processes(check_alive=False, allow_graceful=True)
     return 0
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["worker"]:
-        sys.exit("usage: python -m cluster.fabric.ray_node worker --gcs-address=... ...")
-    sys.exit(_worker_main(sys.argv[2:]))
+    if sys.argv[1:2] not in (["head"], ["worker"]):
+        sys.exit("usage: python -m cluster.fabric.ray_node {head,worker} --node-ip-address=... ...")
+    sys.exit(_node_main(sys.argv[1], sys.argv[2:]))

@@ -1,9 +1,14 @@
 """Run a miner agent: ``python -m cluster.miner.main --config configs/miner.local.toml``.
 
 Lifecycle: clean up containers left by a previous run -> admission (challenge, signed join) ->
-executor API on a unix socket -> Ray worker node (a separate process with an allow-listed
-environment: no hotkey, wallet path or validator URL reaches Ray workers) -> report the node
-id -> signed heartbeats until SIGTERM -> kill containers, stop the node.
+executor API on a unix socket -> Ray worker node on ``ray_node_ip`` (a separate process with an
+allow-listed environment: no hotkey, wallet path or validator URL reaches Ray workers) -> report
+the node id -> signed heartbeats until SIGTERM -> kill containers, stop the node.
+
+When the node dies (killed, or the link to the validator was cut long enough for the head to
+declare it dead) the agent kills its containers, reports ``node_lost`` (retrying until
+validator-core hears it), joins again with a fresh signed admission and starts a new node: a
+miner host whose link comes back rejoins without an operator.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from cluster.protocol.messages import (
 )
 from cluster.settings import MinerSettings, add_wallet_args, load_executor_classes, load_settings, wallet_overrides
 from cluster.protocol.version import local_versions
-from cluster.errors import ConfigError, Refused
+from cluster.errors import ConfigError, Refused, ServiceUnavailable
 
 log = logging.getLogger("rayhorde.agent")
 
@@ -84,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miner agent: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{settings.name}] %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat and receipt page
     home = settings.home
     home.mkdir(parents=True, exist_ok=True)
     runtime = DockerRuntime(settings.docker_host)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpu_classes and RuntimeFeature.GPU not in runtime.features:
         log.error("refusing to offer %s: %s", gpu_classes, runtime.gpu_refusal)
         return 2
-    validator = ServiceClient(settings.validator_url, timeout_s=60)
+    validator = ServiceClient(settings.validator_url, timeout_s=60, verify=settings.ca_bundle_path)
     core = AgentCore(hotkey=hotkey, validator_hotkey=settings.validator_hotkey, validator=validator, runtime=runtime,
                      classes=classes, home=home,
                      max_skew_s=settings.max_clock_skew_s, image_user=settings.image_user,
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ports_base = settings.node_port_base or find_free_port_base()
     proxy_port = settings.proxy_port or ports_base + 9  # a free slot of the node's port block
-    proxy_url = settings.proxy_url or f"http://127.0.0.1:{proxy_port}"
+    scheme = "https" if settings.tls_cert_path else "http"
+    proxy_url = settings.proxy_url or f"{scheme}://{settings.proxy_host}:{proxy_port}"
     try:
         accepted = admit(validator, hotkey, settings, proxy_url)
     except Refused as exc:
@@ -130,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     keeper = StreamKeeper(hotkey, validator, validator_hotkey=settings.validator_hotkey, proxy_port=proxy_port,
                           proxy_url=proxy_url, serve_url=f"http://127.0.0.1:{accepted.serve_http_port}",
                           volumes_dir=volumes, idle_timeout_s=settings.stream_idle_timeout_s,
-                          max_skew_s=settings.max_clock_skew_s, volume_max_bytes=settings.stream_volume_max_mb * 2**20)
+                          max_skew_s=settings.max_clock_skew_s, volume_max_bytes=settings.stream_volume_max_mb * 2**20,
+                          proxy_host=settings.proxy_host, tls_cert_path=settings.tls_cert_path,
+                          tls_key_path=settings.tls_key_path)
     keeper.start()
 
     def start_node() -> tuple[subprocess.Popen, str]:
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
             resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
             node_ports_base=ports_base, node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
+            node_ip=settings.ray_node_ip,
             cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock),
                                           "RAYHORDE_STREAM_VOLUMES": str(volumes)})
         try:
@@ -150,30 +160,57 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Ray node %s up (pid %s); serving tickets on %s", node_id, proc.pid, sock)
         return proc, node_id
 
+    def rejoin(lost_node: str | None, why: str) -> tuple[subprocess.Popen, str]:
+        """The node is gone (or validator-core forgot us): end its work, report it, join again
+        and start a new node. Retries until it works or we are stopped."""
+        nonlocal accepted
+        core.node_epoch += 1
+        keeper.node_lost()  # open streams end now, with an error
+        lost = sorted(core.running)
+        killed = core.kill_all()
+        log.error("%s; killed %d containers of tickets %s; rejoining", why, killed, lost)
+        reported = lost_node is None
+        while not stop.is_set():
+            try:
+                if not reported:
+                    try:
+                        validator.post_signed("/v1/admission/node_lost", seal(hotkey, "node_lost", NodeLost(
+                            node_id=lost_node, running_tickets=lost)))
+                    except Refused as exc:  # e.g. not_admitted: validator-core already settled that node
+                        log.warning("node_lost not taken (%s)", exc)
+                    reported = True
+                accepted = admit(validator, hotkey, settings, proxy_url)
+                return start_node()
+            except Refused as exc:
+                if exc.reason not in ("not_admitted", "bad_challenge"):
+                    raise  # banned, deregistered, wrong version: an operator must act
+                log.warning("rejoin refused (%s); retrying", exc)
+            except (ServiceUnavailable, TimeoutError, RuntimeError) as exc:
+                log.warning("rejoin failed (%s); retrying in %.0f s", exc, accepted.heartbeat_interval_s)
+            stop.wait(accepted.heartbeat_interval_s)
+        raise SystemExit(0)
+
     proc = None
     try:
         proc, node_id = start_node()
         while not stop.wait(accepted.heartbeat_interval_s):
             if proc.poll() is not None:
-                # Our Ray node died under us (any cluster member can kill another's processes):
-                # its tasks are gone, so its containers go too, and validator-core re-tickets
-                # their jobs as a fabric incident (the miner is not charged: any cluster member can
-                # kill another's workers); then the node rejoins.
-                core.node_epoch += 1
-                keeper.node_lost()  # open streams end now, with an error
-                lost = sorted(core.running)
-                killed = core.kill_all()
+                # Our Ray node died under us (killed by a cluster member, or declared dead by the
+                # head after our link was cut): its tasks are gone, so its containers go too, and
+                # validator-core re-tickets their jobs as a fabric incident.
                 ray_node.stop_process(proc)  # whatever of its group survived
-                log.error("Ray node %s exited with %s; killed %d containers of tickets %s", node_id, proc.returncode,
-                          killed, lost)
-                validator.post_signed("/v1/admission/node_lost", seal(hotkey, "node_lost",
-                                                                     NodeLost(node_id=node_id, running_tickets=lost)))
-                proc, node_id = start_node()
+                proc, node_id = rejoin(node_id, f"Ray node {node_id} exited with {proc.returncode}")
                 continue
             try:
                 answer = validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
                                                                      Heartbeat(running_tickets=sorted(core.running))))
-            except Exception as exc:  # validator-core may be restarting; keep serving
+            except Refused as exc:
+                if exc.reason != "not_admitted":
+                    raise
+                ray_node.stop_process(proc)  # validator-core dropped us: a new admission, a new node
+                proc, node_id = rejoin(None, f"validator-core no longer knows this miner ({exc})")
+                continue
+            except Exception as exc:  # validator-core restarting, or the link is down; keep serving
                 log.warning("heartbeat failed: %s", exc)
                 continue
             keeper.update(answer.get("streams") or [])

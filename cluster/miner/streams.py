@@ -36,7 +36,11 @@ log = logging.getLogger("rayhorde.agent")
 class StreamKeeper:
     def __init__(self, hotkey: Hotkey, validator: ServiceClient, *, validator_hotkey: str, proxy_port: int,
                  proxy_url: str, serve_url: str, volumes_dir: Path, idle_timeout_s: float, max_skew_s: float,
-                 volume_max_bytes: int, ready_timeout_s: float = 600) -> None:
+                 volume_max_bytes: int, ready_timeout_s: float = 600, proxy_host: str = "127.0.0.1",
+                 tls_cert_path: Path | None = None, tls_key_path: Path | None = None) -> None:
+        """The proxy binds ``proxy_host:proxy_port`` (HTTPS with ``tls_cert_path`` and
+        ``tls_key_path``) and is announced as ``proxy_url``; ``serve_url`` is the node's own Serve
+        proxy, reached over plain HTTP on loopback (it never leaves the host)."""
         self.hotkey = hotkey
         self.validator = validator
         self.proxy_url = proxy_url
@@ -48,8 +52,8 @@ class StreamKeeper:
                                 volume_max_bytes=volume_max_bytes)
         self.known: dict[str, StreamAssignment] = {}
         self._lock = threading.Lock()
-        self._server = BackgroundServer(self.proxy.app, name=f"the miner proxy on {proxy_url}", host="127.0.0.1",
-                                        port=proxy_port)
+        self._server = BackgroundServer(self.proxy.app, name=f"the miner proxy on {proxy_url}", host=proxy_host,
+                                        port=proxy_port, ssl_certfile=tls_cert_path, ssl_keyfile=tls_key_path)
 
     def start(self, timeout_s: float = 15) -> None:
         self.volumes_dir.mkdir(parents=True, exist_ok=True)

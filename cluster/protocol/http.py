@@ -6,24 +6,35 @@ a door may add keys beside those two (the LLM app adds OpenAI's ``type``, ``para
 ``code``, which the official ``openai`` client reads). :func:`raise_for_error` turns such an
 answer back into the matching rayhorde exception; :class:`ServiceClient` is the small JSON
 client agents, users and the CLI share.
+
+Every client verifies TLS the same way, through :func:`tls_verify`: the CA bundle it is given,
+else ``$RAYHORDE_CA_BUNDLE``, else the default CAs. A server whose certificate that bundle does
+not vouch for is refused before anything is sent, as :class:`CertificateUntrusted`
+(:func:`untrusted_certificate` recognises it under httpx's ``ConnectError``).
 """
 
 from __future__ import annotations
 
+import os
+import ssl
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from cluster.protocol.envelope import SignedEnvelope
 from cluster.errors import (
-    AdmissionRefused, AppRefused, CapabilityRefused, ImageDenied, InvalidSpec, Refused, RequestRefused,
-    ServiceUnavailable, SignatureRejected, TicketRefused,
+    AdmissionRefused, AppRefused, CapabilityRefused, CertificateUntrusted, ConfigError, ImageDenied, InvalidSpec,
+    Refused, RequestRefused, ServiceUnavailable, SignatureRejected, TicketRefused,
 )
+
+CA_BUNDLE_ENV = "RAYHORDE_CA_BUNDLE"
+_CA_FIX = f"--ca-bundle, ${CA_BUNDLE_ENV} or ca_bundle_path in the role's config"
 
 _BY_REASON: dict[str, type[Refused]] = {
     "not_registered": AdmissionRefused, "banned": AdmissionRefused, "version_mismatch": AdmissionRefused,
     "bad_challenge": AdmissionRefused, "not_admitted": AdmissionRefused, "unknown_executor_class": AdmissionRefused,
-    "wrong_validator": AdmissionRefused,
+    "wrong_validator": AdmissionRefused, "address_mismatch": AdmissionRefused,
     "not_whitelisted": CapabilityRefused, "capability_expired": CapabilityRefused, "over_budget": CapabilityRefused,
     "invalid_capability": CapabilityRefused, "no_capability": CapabilityRefused, "ttl_too_long": CapabilityRefused,
     "unknown_ticket": TicketRefused, "wrong_miner": TicketRefused, "ticket_closed": TicketRefused,
@@ -56,20 +67,54 @@ def raise_for_error(resp: httpx.Response) -> None:
     raise _BY_REASON.get(reason, Refused)(reason, message, status_code=resp.status_code)
 
 
+def tls_verify(ca_bundle: str | Path | None = None) -> ssl.SSLContext | bool:
+    """What an httpx client's ``verify=`` should be: a context trusting only ``ca_bundle`` (a PEM
+    file), else only ``$RAYHORDE_CA_BUNDLE``, else ``True`` (httpx's default CAs). A bundle that is
+    missing or unreadable raises :class:`ConfigError`."""
+    where = ca_bundle or os.environ.get(CA_BUNDLE_ENV) or None
+    if where is None:
+        return True
+    path = Path(where).expanduser()
+    source = "the CA bundle" if ca_bundle else f"${CA_BUNDLE_ENV}"
+    if not path.is_file():
+        raise ConfigError(f"{source} {path} is not a file; point {_CA_FIX} at the PEM file of the CA that signed "
+                          "the services' certificates (or unset it to use the default CAs)")
+    try:
+        return ssl.create_default_context(cafile=str(path))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"{source} {path} holds no readable PEM certificate ({exc}); point {_CA_FIX} at the "
+                          "CA's certificate file") from exc
+
+
+def untrusted_certificate(exc: BaseException, url: Any) -> CertificateUntrusted | None:
+    """The clear error for ``exc`` if it (or its cause) is a TLS certificate that failed
+    verification when connecting to ``url``, else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            why = seen.verify_message or str(seen)
+            return CertificateUntrusted(f"{url}: its TLS certificate was not trusted ({why}); pass the bundle of "
+                                        f"the CA that signed it ({_CA_FIX})")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class ServiceClient:
-    """A small JSON client for one rayhorde HTTP service."""
+    """A small JSON client for one rayhorde HTTP service; ``verify`` is a CA bundle (see
+    :func:`tls_verify`)."""
 
     def __init__(self, base_url: str, *, timeout_s: float = 30, transport: httpx.BaseTransport | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, verify: str | Path | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport,
-                                  headers=headers or {})
+                                  headers=headers or {}, verify=tls_verify(verify))
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServiceUnavailable(f"{self.base_url} did not answer {method} {path}: {exc!r}") from exc
+            raise (untrusted_certificate(exc, self.base_url) or
+                   ServiceUnavailable(f"{self.base_url} did not answer {method} {path}: {exc!r}")) from exc
         raise_for_error(resp)
         return resp.json()
 

@@ -39,6 +39,21 @@ class JoinAccepted(BaseModel):
     serve_http_port: int = 0  # every node's Serve HTTP proxy listens on 127.0.0.1:<this>
 
 
+class Preflight(BaseModel):  # kind "admission_preflight", signed by the miner (`rayhorde miner check`)
+    validator: str
+    address: str  # the miner host's address, as validator-core sees the request come from it
+    ports: list[int] = Field(default_factory=list, max_length=16)  # TCP ports validator-core tries to reach there
+
+
+class PreflightAnswer(BaseModel):
+    registered: bool
+    banned: bool
+    detail: str = ""  # why not, when registered is false or banned true
+    reachable: dict[int, bool] = Field(default_factory=dict)  # port -> validator-core connected within the timeout
+    connect_timeout_s: float = 0
+    validator_time_ns: int = 0
+
+
 class NodeStarted(BaseModel):  # kind "node_started", signed by the miner
     node_id: str
 
@@ -100,6 +115,7 @@ class ReceiptsPull(BaseModel):  # kind "receipts_pull", signed by the validator:
 
 KINDS = {
     "admission_join": JoinRequest,
+    "admission_preflight": Preflight,
     "node_started": NodeStarted,
     "heartbeat": Heartbeat,
     "node_lost": NodeLost,

@@ -12,12 +12,18 @@
                   fabric incident, not charged to the miner (its agent still answers).
     heartbeat     liveness (see :mod:`.placement`); the answer names the tickets the miner
                   still runs that are no longer current, for its agent to kill.
+    preflight     ``rayhorde miner check``: is the hotkey registered and not banned, and can
+                  validator-core open TCP connections to the miner's Ray and proxy ports. Only
+                  to the address the request came from (validator-core is no port scanner for
+                  hire), at most 16 ports, each tried once.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import sqlalchemy as sa
 
@@ -27,8 +33,8 @@ from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import SignedEnvelope
 from cluster.protocol.identity import Clock, Hotkey, is_ss58
 from cluster.protocol.messages import (
-    Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted, executor_resource,
-    miner_resource,
+    Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted, Preflight,
+    PreflightAnswer, executor_resource, miner_resource,
 )
 from cluster.protocol.version import local_versions
 from cluster.settings import ExecutorClass, ValidatorSettings
@@ -126,6 +132,36 @@ class AdmissionDesk:
                                                               db.challenges.c.used.is_(False)).values(used=True))
             if taken.rowcount != 1:  # a concurrent join won the race for this challenge
                 raise AdmissionRefused("bad_challenge", "challenge already used; ask for a new one", status_code=403)
+
+    def preflight(self, env: SignedEnvelope, peer_address: str, *, connect_timeout_s: float = 3) -> PreflightAnswer:
+        req = Preflight.model_validate(self.opener.open(env, "admission_preflight"))
+        if req.validator != self.hotkey.ss58:
+            raise AdmissionRefused("wrong_validator", f"preflight is addressed to {req.validator}, this validator is "
+                                   f"{self.hotkey.ss58}", status_code=403)
+        if req.ports and req.address != peer_address:
+            raise AdmissionRefused("address_mismatch", f"ports can only be checked on the address this request comes "
+                                   f"from ({peer_address}), not {req.address}: run the check on the miner host, "
+                                   "without a proxy or NAT in between", status_code=403)
+        if any(not 1 <= p <= 65535 for p in req.ports):
+            raise AdmissionRefused("malformed", "ports must be between 1 and 65535", status_code=400)
+        registered, banned, detail = True, False, ""
+        try:
+            self._check_eligible(env.signer)
+        except AdmissionRefused as exc:
+            registered, banned, detail = exc.reason != "not_registered", exc.reason == "banned", exc.message
+
+        def reach(port: int) -> bool:
+            try:
+                with socket.create_connection((req.address, port), timeout=connect_timeout_s):
+                    return True
+            except OSError:
+                return False
+
+        ports = sorted(set(req.ports))
+        with ThreadPoolExecutor(max_workers=max(1, len(ports))) as pool:
+            reachable = dict(zip(ports, pool.map(reach, ports)))
+        return PreflightAnswer(registered=registered, banned=banned, detail=detail, reachable=reachable,
+                               connect_timeout_s=connect_timeout_s, validator_time_ns=self.clock())
 
     def _check_eligible(self, miner: str) -> None:
         mg = self.chain.metagraph(self.settings.netuid)

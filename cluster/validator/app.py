@@ -17,6 +17,7 @@ from cluster.protocol.envelope import SignedEnvelope
 from cluster.protocol.http import error_body
 from cluster.protocol.messages import ChallengeRequest
 from cluster.validator.core import ValidatorCore
+from cluster.validator.jobs_door import mount_jobs_door
 from cluster.errors import InvalidSpec, Refused, SignatureRejected
 from cluster.protocol.jobs import JobSpec
 from cluster.protocol.streams import StreamSpec
@@ -37,7 +38,8 @@ def _bearer(authorization: str | None) -> str | None:
     return None
 
 
-def build_app(core: ValidatorCore) -> FastAPI:
+def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None) -> FastAPI:
+    """validator-core's app; with ``jobs_dashboard_url``, also the Jobs door to that dashboard."""
     app = FastAPI(title="rayhorde validator-core", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(Refused)
@@ -58,7 +60,7 @@ def build_app(core: ValidatorCore) -> FastAPI:
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
-        return {"ok": True, "validator": core.hotkey.ss58}
+        return {"ok": True, "validator": core.hotkey.ss58, "time_ns": core.clock()}
 
     @app.get("/v1/status")
     def status() -> dict[str, Any]:
@@ -88,6 +90,11 @@ def build_app(core: ValidatorCore) -> FastAPI:
     def node(body: dict[str, Any]) -> dict[str, Any]:
         core.admission.node_started(_signed(body))
         return {"ok": True}
+
+    @app.post("/v1/admission/preflight")
+    def preflight(body: dict[str, Any], request: Request) -> dict[str, Any]:
+        peer = request.client.host if request.client else ""
+        return core.admission.preflight(_signed(body), peer).model_dump(mode="json")
 
     @app.post("/v1/admission/node_lost")
     def node_lost(body: dict[str, Any]) -> dict[str, Any]:
@@ -199,6 +206,8 @@ def build_app(core: ValidatorCore) -> FastAPI:
         core.organic.report_result(job_id, _signed(body))
         return {"ok": True}
 
+    if jobs_dashboard_url:  # stock `ray job submit` from other hosts (the dashboard binds 127.0.0.1)
+        mount_jobs_door(app, jobs_dashboard_url)
     return app
 
 

@@ -4,11 +4,14 @@ History: every status change of a job (organic or streaming) is a ``job_events``
 reports it (the validator, the miner, the user); clients read it as the job's history.
 
 Incidents: every attempt or stream lost, and every failed verification, is an ``incidents``
-row of one of two kinds. ``miner`` incidents are charged to the miner: missed heartbeats, an
-agent that restarted, a blown deadline, a failed verification; they lower its priority for
-``incident_penalty_s``, and a failed verification bans it from new work for
-``verification_ban_s``. ``fabric`` incidents are not charged: a dead Ray node under a live agent,
-or a ticket nobody fetched, is a failure of the shared fabric, not proof of a dishonest miner.
+row of one of two kinds. ``miner`` incidents are charged to the miner: an agent that restarted,
+a blown deadline, a failed verification; they lower its priority for ``incident_penalty_s``, and
+a failed verification bans it from new work for ``verification_ban_s``. ``fabric`` incidents are
+not charged: a dead Ray node under a live agent, a ticket nobody fetched, or a miner that went
+silent (``miner_unreachable``: a cut link looks the same as a crash, and neither is a signed fact
+of cheating) are failures of the shared fabric, not proof of a dishonest miner. Going silent is
+free only ``unreachable_free`` times per ``incident_penalty_s``; beyond that it is charged, so
+dropping work by cutting one's own link cannot be a habit.
 
 Retiring an attempt gives it up for good: its executor is freed, the incident recorded, and its
 job goes back to the queue as attempt n+1 (on another miner), or fails once ``max_attempts``
@@ -29,6 +32,7 @@ from cluster.validator import store as db
 CHARGED = "miner"  # incidents.kind of an incident charged to the miner
 FABRIC = "fabric"  # incidents.kind of a fabric incident, not charged
 VERIFICATION_FAILED = "verification_failed"  # incidents.reason of a failed verification
+UNREACHABLE = "miner_unreachable"  # incidents.reason of work lost because its miner stopped heartbeating
 
 
 def blame(charged: bool) -> str:
@@ -82,6 +86,15 @@ class Ledger:
         return conn.execute(sa.select(sa.func.count()).select_from(db.incidents).where(
             db.incidents.c.miner_hotkey == miner, db.incidents.c.kind == CHARGED,
             db.incidents.c.t_ns >= since_ns)).scalar_one()
+
+    def unreachable_charged(self, conn: sa.Connection, miner: str, *, window_s: float, free: int) -> bool:
+        """Whether losing work to ``miner`` going silent is charged now: past ``free`` such
+        incidents in the last ``window_s``."""
+        since = self.clock() - int(window_s * NS)
+        seen = conn.execute(sa.select(sa.func.count()).select_from(db.incidents).where(
+            db.incidents.c.miner_hotkey == miner, db.incidents.c.reason == UNREACHABLE,
+            db.incidents.c.t_ns >= since)).scalar_one()
+        return seen >= free
 
     def banned(self, conn: sa.Connection, *, now_ns: int, ban_s: float) -> set[str]:
         """Miners with a failed verification in the last ``ban_s``: no new work for them."""

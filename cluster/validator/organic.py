@@ -12,8 +12,9 @@
     cancel        by its user: ends ``cancelled`` now; the agent kills the container at its next
                   heartbeat.
     get / watch   the job as recorded, long-polled (:mod:`.changes`).
-    sweep         retire lost attempts (missed heartbeats and blown deadlines are charged, a
-                  ticket nobody fetched is not), reject jobs that waited too long, serve the queue.
+    sweep         retire lost attempts (blown deadlines are charged; a ticket nobody fetched and
+                  a miner gone silent are not, the latter only up to an allowance, see
+                  :mod:`.ledger`), reject jobs that waited too long, serve the queue.
 
 Every write that can free or take an executor holds the allocation lock and is one transaction.
 """
@@ -40,7 +41,7 @@ from cluster.validator import store as db
 from cluster.validator.capabilities import CapabilityDesk
 from cluster.validator.changes import Changes
 from cluster.validator.envelopes import EnvelopeOpener
-from cluster.validator.ledger import Ledger
+from cluster.validator.ledger import UNREACHABLE, Ledger
 from cluster.validator.placement import Placement, admitted, ticket_ref
 
 WATCH_MAX_JOBS = 1000  # jobs one watch request may follow
@@ -270,7 +271,9 @@ class OrganicDesk:
             for t in conn.execute(sa.select(db.tickets).where(db.tickets.c.active.is_(True))).all():
                 m = conn.execute(sa.select(db.miners).where(db.miners.c.hotkey == t.miner_hotkey)).first()
                 if not self.placement.is_live(m, now):
-                    reason, charged = "missed_heartbeats", True
+                    reason, charged = UNREACHABLE, self.ledger.unreachable_charged(
+                        conn, t.miner_hotkey, window_s=self.settings.incident_penalty_s,
+                        free=self.settings.unreachable_free)
                 elif t.fetched_ns is None and now > t.expires_ns:
                     reason, charged = "ticket_not_fetched", False
                 elif t.deadline_ns is not None and now > t.deadline_ns:

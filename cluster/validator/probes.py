@@ -32,10 +32,11 @@ import threading
 import httpx
 import sqlalchemy as sa
 
-from cluster.errors import ReceiptInvalid
+from cluster.errors import CertificateUntrusted, ReceiptInvalid
 from cluster.protocol.canonical import NS
 from cluster.protocol.client_envelope import REQUEST_HEADER, RequestSigner, sign_request
 from cluster.protocol.envelope import SignedEnvelope
+from cluster.protocol.http import tls_verify
 from cluster.protocol.identity import Clock, read_or_create_secret
 from cluster.protocol.jobs import JobStatus
 from cluster.protocol.keys import PublicKey, SigningKey
@@ -77,6 +78,7 @@ class ProbeDesk:
         self._secret = bytes.fromhex(read_or_create_secret(self.settings.home / "probe_secret"))
         self._rng = random.Random(secrets.randbits(64))  # prompts and timing: not predictable by a miner
         self._next_ns: dict[str, int] = {}  # job id -> when its next probe is due
+        self._tls = tls_verify(settings.ca_bundle_path)  # miners' proxies; a bad bundle fails at start
 
     # ------------------------------------------------------------------ keys
     def _derive(self, job_id: str) -> bytes:
@@ -118,7 +120,8 @@ class ProbeDesk:
 
     def send(self, s: sa.Row) -> bool:
         ready = StreamReady.model_validate(SignedEnvelope.model_validate_json(s.ready_envelope).payload)
-        transport = VerifyingTransport(ready, s.miner_hotkey, max_skew_s=self.settings.max_clock_skew_s)
+        transport = VerifyingTransport(ready, s.miner_hotkey, max_skew_s=self.settings.max_clock_skew_s,
+                                       inner=httpx.HTTPTransport(verify=self._tls))
         key, route = self.key(s.id), route_prefix(s.id)
         body = probe_prompt(self._rng)
         error, probe_id = "", None
@@ -144,6 +147,8 @@ class ProbeDesk:
                         error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                     elif resp.extensions.get("rayhorde_stream") is None and "rayhorde_receipt" not in resp.extensions:
                         error = "the answer carried no receipt"
+        except CertificateUntrusted as exc:  # VerifyingTransport names it (the fix is our CA bundle)
+            error = str(exc)
         except (httpx.HTTPError, ReceiptInvalid, ValueError, KeyError, IndexError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         if error:

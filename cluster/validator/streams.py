@@ -11,7 +11,8 @@
     end           the client terminates (``completed``), the time limit passes (``completed``),
                   the app fails to deploy or never gets ready (``horde_failed``), or the
                   miner's node / agent is lost (``horde_failed``; a dead node under a live agent
-                  is a fabric incident, not charged to the miner; missed heartbeats are charged).
+                  is a fabric incident, not charged to the miner; so is a silent miner, up to an
+                  allowance, see :mod:`.ledger`).
                   The app leaves the Serve config; the agent drops the route at its next heartbeat.
 
 Serve is driven only through its REST API (:mod:`.serve_rest`): validator-core never becomes a
@@ -41,7 +42,7 @@ from cluster.validator import store as db
 from cluster.validator.capabilities import CapabilityDesk
 from cluster.validator.changes import Changes
 from cluster.validator.envelopes import EnvelopeOpener
-from cluster.validator.ledger import Ledger, blame
+from cluster.validator.ledger import UNREACHABLE, Ledger, blame
 from cluster.validator.placement import ACTIVE_STREAM, Placement
 from cluster.validator.serve_rest import BUILDER, ServeRest
 
@@ -217,7 +218,9 @@ class StreamDesk:
                 if s.deadline_ns is not None and now > s.deadline_ns:
                     self._end(conn, s, JobStatus.completed, "time limit reached (max_duration_s)")
                 elif not self.placement.is_live(m, now):
-                    changed += self.miner_lost(conn, s.miner_hotkey, reason="missed_heartbeats", charged=True)
+                    charged = self.ledger.unreachable_charged(conn, s.miner_hotkey, free=self.settings.unreachable_free,
+                                                              window_s=self.settings.incident_penalty_s)
+                    changed += self.miner_lost(conn, s.miner_hotkey, reason=UNREACHABLE, charged=charged)
                     continue
                 elif s.status == JobStatus.accepted.value:
                     if statuses is None and self.serve is not None:

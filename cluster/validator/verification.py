@@ -34,6 +34,7 @@ from cluster.errors import Refused
 from cluster.protocol.canonical import NS
 from cluster.protocol.client_envelope import RequestEnvelope
 from cluster.protocol.envelope import SignedEnvelope
+from cluster.protocol.http import tls_verify, untrusted_certificate
 from cluster.protocol.identity import Clock, Hotkey
 from cluster.protocol.jobs import JobStatus
 from cluster.protocol.streams import StreamReady
@@ -64,7 +65,7 @@ class VerificationDesk:
         self.clock = clock
         self.runner = runner  # None: collect and check chains only (no verification cluster)
         self._draw = secrets.SystemRandom()
-        self._http = httpx.Client(timeout=30)
+        self._http = httpx.Client(timeout=30, verify=tls_verify(settings.ca_bundle_path))  # miners' proxies
         self._lock = threading.Lock()  # one collection / batch at a time
 
     # ------------------------------------------------------------------ collect
@@ -99,7 +100,8 @@ class VerificationDesk:
                 try:
                     got = pull(source, self.hotkey, self._http)
                 except (httpx.HTTPError, ValueError) as exc:
-                    log.warning("could not pull receipts of %s from %s: %s", source.job_id, source.proxy_url, exc)
+                    log.warning("could not pull receipts of %s from %s: %s", source.job_id, source.proxy_url,
+                                untrusted_certificate(exc, source.proxy_url) or exc)
                     break
                 self._store_collected(source.job_id, got.claims, got.failures, got.last_seq)
                 n += len(got.claims) + len(got.failures)

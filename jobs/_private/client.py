@@ -14,12 +14,13 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from pydantic import ValidationError
 
-from cluster.protocol.http import ServiceClient
+from cluster.protocol.http import CA_BUNDLE_ENV, ServiceClient
 from cluster.errors import InvalidSpec, JobNotFinished, ServiceUnavailable, TicketRefused, UsageError
 from cluster.protocol.jobs import JobSpec, JobState, JobView, Submitted, TicketRef
 from jobs._private.task import organic_task
@@ -161,24 +162,28 @@ def _task_answer(ref: Any) -> dict[str, Any]:
         return {"ok": False, "reason": "task_failed", "message": repr(exc)}
 
 
-_clients: dict[tuple[str, str], tuple[ServiceClient, _Follower]] = {}
+_clients: dict[tuple[str, str, str], tuple[ServiceClient, _Follower]] = {}
 _clients_lock = threading.Lock()
 
 
-def _client_for(validator_url: str, capability: str) -> tuple[ServiceClient, _Follower]:
-    """One keep-alive client and one follower per (validator, capability)."""
-    key = (validator_url, capability)
+def _client_for(validator_url: str, capability: str, ca_bundle: str | Path | None) -> tuple[ServiceClient, _Follower]:
+    """One keep-alive client and one follower per (validator, capability, CA bundle)."""
+    ca_bundle = ca_bundle or os.environ.get(CA_BUNDLE_ENV) or None
+    key = (validator_url, capability, str(ca_bundle or ""))
     with _clients_lock:
         if key not in _clients:
-            client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
-            watcher = ServiceClient(validator_url, headers={"Authorization": f"Bearer {capability}"})
+            headers = {"Authorization": f"Bearer {capability}"}
+            client = ServiceClient(validator_url, headers=headers, verify=ca_bundle)
+            watcher = ServiceClient(validator_url, headers=headers, verify=ca_bundle)
             _clients[key] = (client, _Follower(watcher))
         return _clients[key]
 
 
 def submit(spec: JobSpec | dict[str, Any], *, validator_url: str | None = None,
-           capability: str | None = None) -> JobHandle:
-    """Register ``spec`` with validator-core; its organic task starts as soon as it has a ticket."""
+           capability: str | None = None, ca_bundle: str | Path | None = None) -> JobHandle:
+    """Register ``spec`` with validator-core; its organic task starts as soon as it has a ticket.
+    ``ca_bundle`` verifies validator-core's certificate (default ``$RAYHORDE_CA_BUNDLE``, else the
+    default CAs)."""
     try:
         spec = spec if isinstance(spec, JobSpec) else JobSpec.model_validate(spec)
     except ValidationError as exc:
@@ -188,7 +193,7 @@ def submit(spec: JobSpec | dict[str, Any], *, validator_url: str | None = None,
     if not validator_url or not capability:
         raise UsageError(f"set {VALIDATOR_URL_ENV} and {CAPABILITY_ENV} (e.g. with ray job submit "
                          "--runtime-env-json) or pass validator_url= and capability=")
-    client, follower = _client_for(validator_url, capability)
+    client, follower = _client_for(validator_url, capability, ca_bundle)
     submitted = Submitted.model_validate(client.post("/v1/jobs", spec.model_dump(mode="json")))
     handle = JobHandle(client, submitted.job_id, spec.executor_class)
     handle.queue_reason = submitted.queue_reason

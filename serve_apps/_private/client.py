@@ -14,19 +14,25 @@ checks both signatures against the readiness message, the chain (``seq`` / ``pre
 when it holds the previous receipt, and the clock bounds. A failure raises
 :class:`ReceiptInvalid` naming the check; with ``openai`` a buffered answer's failure arrives as
 its ``APIConnectionError`` cause (the transport raises), a streamed one while iterating.
+
+TLS: validator-core and the proxies are verified against ``ca_bundle`` (default
+``$RAYHORDE_CA_BUNDLE``, else the default CAs); a certificate that bundle does not vouch for raises
+:class:`CertificateUntrusted`, from the ``openai`` client too.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import httpx
 
 from cluster.protocol.envelope import SignedEnvelope, open_envelope
-from cluster.protocol.http import ServiceClient, raise_for_error
+from cluster.protocol.http import ServiceClient, raise_for_error, tls_verify, untrusted_certificate
 from cluster.errors import ReceiptInvalid, Refused, StreamFailed
 from cluster.protocol.jobs import JobStatus
 from cluster.protocol.client_envelope import RequestSigner
@@ -75,7 +81,7 @@ class VerifyingTransport(httpx.BaseTransport):
                  inner: httpx.BaseTransport | None = None, log: ReceiptLog | None = None,
                  clock: Callable[[], int] = time.time_ns) -> None:
         self.ready, self.miner_hotkey, self.max_skew_s = ready, miner_hotkey, max_skew_s
-        self.inner = inner or httpx.HTTPTransport()
+        self.inner = inner or httpx.HTTPTransport(verify=tls_verify())
         self.log = log or ReceiptLog()
         self.clock = clock
 
@@ -90,7 +96,13 @@ class VerifyingTransport(httpx.BaseTransport):
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         sent = request.read()
         t_sent = self.clock()
-        resp = self.inner.handle_request(request)
+        try:
+            resp = self.inner.handle_request(request)
+        except httpx.ConnectError as exc:  # name an untrusted certificate (openai would only say "Connection error")
+            untrusted = untrusted_certificate(exc, f"{request.url.scheme}://{request.url.netloc.decode()}")
+            if untrusted is None:
+                raise
+            raise untrusted from exc
         if resp.status_code >= 300:
             return resp
         if "text/event-stream" not in resp.headers.get("content-type", ""):
@@ -191,7 +203,7 @@ class StreamJob:
         base = self.base_url
         assert self.ready is not None and self.view.miner_hotkey is not None
         transport = VerifyingTransport(self.ready, self.view.miner_hotkey, max_skew_s=self.streams.max_skew_s,
-                                       inner=inner, log=self.log)
+                                       inner=inner or httpx.HTTPTransport(verify=self.streams.tls), log=self.log)
         return httpx.Client(base_url=base, auth=RequestSigner(key, self.job_id), transport=transport,
                             timeout=timeout_s)
 
@@ -223,8 +235,15 @@ class StreamJob:
 
     def put_file(self, key: SigningKey, name: str, data: bytes) -> dict:
         """Send a file into the job's volume, through the miner's proxy."""
-        with httpx.Client(base_url=self.base_url, auth=RequestSigner(key, self.job_id), timeout=120) as c:
-            resp = c.put(f"/volume/{name}", content=data)
+        with httpx.Client(base_url=self.base_url, auth=RequestSigner(key, self.job_id), timeout=120,
+                          verify=self.streams.tls) as c:
+            try:
+                resp = c.put(f"/volume/{name}", content=data)
+            except httpx.ConnectError as exc:
+                untrusted = untrusted_certificate(exc, self.base_url)
+                if untrusted is None:
+                    raise
+                raise untrusted from exc
         raise_for_error(resp)  # the proxy's refusal, as its rayhorde error
         return resp.json()
 
@@ -234,10 +253,14 @@ class StreamJob:
 
 
 class Streams:
-    """A user's door to validator-core's streaming jobs (capability as bearer token)."""
+    """A user's door to validator-core's streaming jobs (capability as bearer token); ``ca_bundle``
+    verifies validator-core and the miners' proxies (default ``$RAYHORDE_CA_BUNDLE``)."""
 
-    def __init__(self, validator_url: str, capability: str, *, max_skew_s: float = 5) -> None:
-        self.api = ServiceClient(validator_url, timeout_s=60, headers={"Authorization": f"Bearer {capability}"})
+    def __init__(self, validator_url: str, capability: str, *, max_skew_s: float = 5,
+                 ca_bundle: str | Path | None = None) -> None:
+        self.tls: ssl.SSLContext | bool = tls_verify(ca_bundle)
+        self.api = ServiceClient(validator_url, timeout_s=60, headers={"Authorization": f"Bearer {capability}"},
+                                 verify=ca_bundle)
         self.max_skew_s = max_skew_s
 
     def deploy(self, spec: StreamSpec) -> StreamJob:

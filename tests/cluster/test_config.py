@@ -1,9 +1,13 @@
 """Settings, executor classes, the local chain and wallets: clear errors for bad files."""
 
+import ipaddress
 import json
 import os
+import re
 import stat
+from pathlib import Path
 
+import click
 import pytest
 from bittensor_wallet import Keypair, Wallet
 
@@ -134,3 +138,107 @@ def test_a_verifier_factory_named_before_the_move_still_resolves(tmp_path):
     cfg.write_text('verifier_factory = "cluster._private.verification.verifier:Verifier"\n')
     v = load_settings(ValidatorSettings, cfg, env_prefix="X_NONE_")
     assert v.verifier_factory == "cluster.verification.verifier:Verifier"
+
+
+# --- deployment samples: configs/*.prod.toml, examples/deploy/, the README's commands ---------
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "examples" / "deploy"
+
+
+def test_production_samples_load_with_fixed_public_addresses():
+    """The production samples load as they are (no field the models refuse), and a miner built
+    from them advertises a routable Ray node on fixed ports, which `miner check` requires."""
+    v = load_settings(ValidatorSettings, config_path("validator.prod.toml"), env_prefix="X_NONE_")
+    assert v.url.startswith("https://") and v.tls_key_path and v.ca_bundle_path
+    assert not ipaddress.ip_address(v.ray_node_ip).is_loopback and v.gcs_address() == f"{v.ray_node_ip}:6380"
+    assert v.resolved_db_url().startswith("postgresql+psycopg://") and str(v.home).startswith("/var/lib/rayhorde/")
+    assert v.dashboard_url().startswith("http://127.0.0.1:")  # the Jobs API stays on loopback
+    m = load_settings(MinerSettings, config_path("miner.prod.toml"), env_prefix="X_NONE_")
+    assert m.node_port_base != 0 and m.node_port_base != v.ray_port_base
+    assert not ipaddress.ip_address(m.ray_node_ip).is_loopback
+    assert m.proxy_url.startswith("https://") and m.validator_url == v.url and m.tls_key_path and m.ca_bundle_path
+    assert m.docker_host.startswith("unix://") and not m.allow_private_networks
+    assert str(m.home).startswith("/var/lib/rayhorde/")
+
+
+def _resolve(words: list[str]) -> str | None:
+    """Why ``rayhorde <words>`` is not a command of the CLI with those options, or None if it is."""
+    from cluster.cli.main import main
+
+    cmd, path = main, ["rayhorde"]
+    for word in words:
+        if isinstance(cmd, click.Group):
+            sub = cmd.get_command(click.Context(cmd), word)
+            if sub is None:
+                return f"`{' '.join(path)}` has no command {word!r}"
+            cmd, path = sub, path + [word]
+            continue
+        if word == "--":
+            break
+        if word.startswith("--"):
+            opts = {o for p in cmd.params for o in p.opts} | {"--help"}
+            if word.split("=")[0] not in opts:
+                return f"`{' '.join(path)}` has no option {word.split('=')[0]} (it has {sorted(opts)})"
+    return f"`{' '.join(path)}` needs a subcommand" if isinstance(cmd, click.Group) else None
+
+
+_SHELL_END = re.compile(r"\s(?:#|&&|\|\|?|;|>)\s?|[`)]")
+
+
+def _commands_in(markdown: str) -> list[list[str]]:
+    """Every `rayhorde ...` invocation shown in the text: lines of bash blocks, and inline code."""
+    found, in_bash = [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_bash = line.strip() == "```bash" and not in_bash
+            continue
+        spans = [line] if in_bash else re.findall(r"`([^`]+)`", line)
+        for span in spans:
+            # in command position: first on the line, or after $( && ; |; bare or a venv's bin/rayhorde
+            for m in re.finditer(r"(?:^|\$\(|&&|;|\|)\s*(?:[\w./-]*bin/)?rayhorde( [^\n]*)", span):
+                rest = _SHELL_END.split(m.group(1), maxsplit=1)[0]
+                words = [w for w in rest.split() if not w.startswith(("<", "$", "'", '"'))]
+                if words:
+                    found.append(words)
+    return found
+
+
+def test_the_systemd_units_run_the_role_commands():
+    """Each unit starts its role's command with the config path the install steps use, and the
+    command exists in the CLI."""
+    for unit, role in (("rayhorde-validator.service", "validator"), ("rayhorde-miner.service", "miner")):
+        text = (DEPLOY / unit).read_text()
+        exec_start = [line.split("=", 1)[1].split() for line in text.splitlines() if line.startswith("ExecStart=")]
+        assert len(exec_start) == 1, unit
+        argv = exec_start[0]
+        assert argv[0].endswith("/rayhorde") and argv[1:] == [role, "run", "--config", f"/etc/rayhorde/{role}.toml"]
+        assert _resolve(argv[1:]) is None, _resolve(argv[1:])
+        for setting in ("Restart=on-failure", "KillMode=mixed", "WorkingDirectory=/var/lib/rayhorde",
+                        "NoNewPrivileges=yes"):
+            assert setting in text.splitlines(), (unit, setting)
+        assert re.search(r"^TimeoutStopSec=\d+$", text, re.M), unit
+    # the agent's job tmpfs mounts must stay visible to the container engine: no mount namespace
+    miner = (DEPLOY / "rayhorde-miner.service").read_text()
+    assert not re.search(r"^(ProtectSystem|ReadWritePaths|ProtectHome|PrivateTmp)=", miner, re.M)
+
+
+def test_every_rayhorde_command_in_the_deploy_docs_exists():
+    """The deploy guide and the README show only commands (and options) the CLI has."""
+    for doc in (DEPLOY / "README.md", REPO / "README.md"):
+        commands = _commands_in(doc.read_text())
+        assert commands, doc
+        bad = [f"rayhorde {' '.join(words)}: {why}" for words in commands if (why := _resolve(words))]
+        assert bad == [], doc
+    shown = {" ".join(w[:2]) for w in _commands_in((DEPLOY / "README.md").read_text())}
+    assert {"miner check", "miner run", "validator run"} <= shown
+
+
+def test_the_command_check_catches_a_wrong_command():
+    assert _resolve(["miner", "check", "--config", "x"]) is None
+    assert "no command 'start'" in _resolve(["miner", "start"])
+    assert "no option --wallet" in _resolve(["validator", "run", "--wallet", "x"])
+    assert "needs a subcommand" in _resolve(["miner"])
+    assert _commands_in("```bash\nrayhorde miner check --config f  # x\nuseradd --home-dir /var/lib/rayhorde --x\n"
+                        "CAP=$(.venv/bin/rayhorde capability --max-jobs 5)\n```\nthen `rayhorde up`, as rayhorde does.\n"
+                        ) == [["miner", "check", "--config", "f"], ["capability", "--max-jobs", "5"], ["up"]]

@@ -232,10 +232,30 @@ def test_sweep_retires_a_miner_that_stopped_heartbeating(h):
     h.clock.advance(h.settings.heartbeat_timeout_s + 1)
     h.core.admission.heartbeat(h.seal(alive, "heartbeat", Heartbeat()))
     h.core.sweep()
-    assert h.incidents() == [(silent.ss58, "miner", "missed_heartbeats", 1)]
+    # a cut link and a crash look alike: not charged (up to an allowance)
+    assert h.incidents() == [(silent.ss58, "fabric", "miner_unreachable", 1)]
     view = h.core.organic.get(cap, sub.job_id)
     assert view.ticket.miner_hotkey == alive.ss58 and view.ticket.attempt == 2
-    assert h.core.cluster_status()["incidents"][0]["reason"] == "missed_heartbeats"
+    assert h.core.cluster_status()["incidents"][0]["reason"] == "miner_unreachable"
+    assert "lost: miner_unreachable (fabric incident, not charged); re-queued" in view.history[-2].detail
+
+
+def test_going_silent_is_charged_beyond_the_allowance(h):
+    h.settings.unreachable_free = 1
+    h.admit(BOB), h.admit(CHARLIE)
+    cap = h.capability(max_jobs=4)
+    kinds = []
+    for _ in range(2):
+        sub = h.submit(cap)
+        silent = by_hotkey(sub.ticket.miner_hotkey)
+        alive = CHARLIE if silent is BOB else BOB
+        h.clock.advance(h.settings.heartbeat_timeout_s + 1)
+        h.core.admission.heartbeat(h.seal(alive, "heartbeat", Heartbeat()))
+        h.core.sweep()
+        kinds += [k for hk, k, reason, _ in h.incidents() if hk == silent.ss58 and reason == "miner_unreachable"]
+        h.admit(silent)  # it comes back (a fresh join) for the next round
+        h.core.admission.heartbeat(h.seal(alive, "heartbeat", Heartbeat()))
+    assert kinds[:1] == ["fabric"] and "miner" in kinds[1:], kinds
 
 
 # ---------------------------------------------------------------------------- restart
