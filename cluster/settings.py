@@ -97,6 +97,10 @@ class ValidatorSettings(BaseModel):
     incident_penalty_s: float = Field(ge=0, default=600)  # a charged incident lowers a miner's priority this long
     unreachable_free: int = Field(ge=0, default=5)  # work lost to a silent miner is not charged this often per penalty window
     sweep_interval_s: float = Field(gt=0, default=1)
+    # A node_lost report counts as a fabric incident only if Ray's GCS also declares the node dead
+    # within this long (checked every sweep); still ALIVE after it: charged (node_lost_but_alive).
+    # Ray's health check declares a killed node dead after 5 failed checks 3 s apart (~15 s): keep above.
+    node_lost_confirm_s: float = Field(gt=0, default=30)
     ray_port_base: int = 6380
     ray_gcs_address: str | None = None  # default: <ray_node_ip>:<ray_port_base>
     ray_token_path: Path | None = None  # default: <home>/ray_token

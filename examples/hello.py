@@ -1,10 +1,12 @@
 """The peer system's hello-world job, as a Ray driver script.
 
-    ray job submit --address http://127.0.0.1:<dashboard> --working-dir . \
-        --runtime-env-json '{"env_vars": {"RAYHORDE_VALIDATOR_URL": "...", "RAYHORDE_CAPABILITY": "..."}}' \
+    RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<capability> ray job submit --address <validator-core URL> \
+        --working-dir . --runtime-env-json \
+        '{"env_vars": {"RAYHORDE_VALIDATOR_URL": "...", "RAYHORDE_CAPABILITY": "<capability>"}}' \
         -- python examples/hello.py
 
-`rayhorde up` prints this command with the values filled in.
+validator-core's Jobs gateway takes the capability in place of the Ray token (users never hold
+that); `rayhorde capability` prints one.
 """
 
 import os

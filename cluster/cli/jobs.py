@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import click
 
@@ -53,8 +52,9 @@ def run_job(state: dict, spec: dict, *, wallet: str = "user", wallet_uri: str | 
     from ray.job_submission import JobSubmissionClient  # imports Ray: only the commands that submit pay for it
 
     cap = user_capability(state, wallet, wallet_uri, max_jobs=1, ttl_s=600)
-    token = Path(state["token_path"]).read_text().strip()
-    client = JobSubmissionClient(state["dashboard_url"], headers={"Authorization": f"Bearer {token}"})
+    # through validator-core's Jobs gateway: the capability is the token (users never hold Ray's)
+    client = JobSubmissionClient(state["validator_url"], headers={"Authorization": f"Bearer {cap}"},
+                                 verify=os.environ.get(CA_BUNDLE_ENV) or True)
     env = {"RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": cap}
     if os.environ.get(CA_BUNDLE_ENV):  # the driver verifies validator-core as this command does
         env[CA_BUNDLE_ENV] = os.environ[CA_BUNDLE_ENV]

@@ -8,8 +8,11 @@
                   A miner that joins again restarted its agent: whatever it ran is lost
                   (a charged incident) and goes back to the queue.
     node_started  its Ray node is up: its executors count as capacity from now on.
-    node_lost     its agent saw the Ray node die: the node's attempts and streams end as a
-                  fabric incident, not charged to the miner (its agent still answers).
+    node_lost     its agent saw the Ray node die: the node's attempts and streams end at once
+                  as a fabric incident (``ray_node_lost``), and the report is then checked
+                  against Ray's own view of the node (see :meth:`AdmissionDesk.sweep`): a node
+                  Ray still reports ALIVE ``node_lost_confirm_s`` later was not lost, and the
+                  report is charged to the miner (``node_lost_but_alive``).
     heartbeat     liveness (see :mod:`.placement`); the answer names the tickets the miner
                   still runs that are no longer current, for its agent to kill.
     preflight     ``rayhorde miner check``: is the hotkey registered and not banned, and can
@@ -20,10 +23,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import socket
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -42,16 +48,32 @@ from cluster.validator import store as db
 from cluster.validator.changes import Changes
 from cluster.validator.envelopes import EnvelopeOpener
 from cluster.validator.ledger import Ledger
-from cluster.validator.placement import Placement, admitted
+from cluster.validator.placement import ACTIVE_STREAM, Placement, admitted
+from cluster.validator.ray_state import RayState
 from cluster.validator.streams import StreamDesk
 
+log = logging.getLogger("rayhorde.validator")
 MATCHED_VERSIONS = ("rayhorde", "ray", "python")  # a miner must run exactly these versions of the validator's
+NODE_LOST = "ray_node_lost"  # incidents.reason of work lost with a node its agent reported dead (fabric)
+NODE_LOST_BUT_ALIVE = "node_lost_but_alive"  # ... of a node_lost report Ray contradicted (charged)
+NODE_LOST_UNCONFIRMED = "ray_node_lost_unconfirmed"  # ... of one Ray could not be asked about (fabric)
+
+
+@dataclass(frozen=True)
+class NodeLossCheck:
+    """A node_lost report waiting for Ray's own view of the node."""
+    miner: str
+    node_id: str
+    deadline_ns: int  # still ALIVE in Ray at this time: the report is charged
+    lost: tuple[tuple[str, int], ...]  # (job id, attempt) of each attempt and stream it ended
+    report: str  # the signed report, as JSON: the evidence
 
 
 class AdmissionDesk:
     def __init__(self, settings: ValidatorSettings, *, hotkey: Hotkey, chain: ChainBackend, ray_token: str,
                  classes: dict[str, ExecutorClass], engine: sa.Engine, alloc: threading.Lock, opener: EnvelopeOpener,
-                 changes: Changes, ledger: Ledger, placement: Placement, streams: StreamDesk, clock: Clock) -> None:
+                 changes: Changes, ledger: Ledger, placement: Placement, streams: StreamDesk, clock: Clock,
+                 ray: RayState | None = None) -> None:
         self.settings = settings
         self.hotkey = hotkey
         self.chain = chain
@@ -65,6 +87,9 @@ class AdmissionDesk:
         self.placement = placement
         self.streams = streams
         self.clock = clock
+        self.ray = ray  # Ray's own view of the nodes; None: no head to ask (unit tests), reports are taken as said
+        self._checks: dict[tuple[str, str], NodeLossCheck] = {}  # (miner, node id) -> its pending check
+        self._checks_lock = threading.Lock()
 
     def challenge(self, req: ChallengeRequest) -> Challenge:
         if not is_ss58(req.miner_hotkey):
@@ -182,20 +207,87 @@ class AdmissionDesk:
             self.changes.notify()
 
     def node_lost(self, env: SignedEnvelope) -> None:
-        """The agent saw its Ray node die: a fabric incident, not charged (its agent still answers)."""
+        """The agent says its Ray node died: its attempts and streams end now (the agent no longer
+        runs them, whatever the truth) as a fabric incident, and the report waits for Ray's view
+        (:meth:`sweep`) before it is known to be true."""
         msg = NodeLost.model_validate(self.opener.open(env, "node_lost"))
+        evidence = env.model_dump_json()
         with self.alloc, self.engine.begin() as conn:
             miner = admitted(conn, env.signer)
             if miner.node_id is not None and miner.node_id != msg.node_id:
                 return  # a late report about a node already replaced: the current one's attempts stand
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer).values(node_id=None))
-            for t in self._active_tickets(conn, env.signer):
-                self.ledger.retire(conn, t, reason="ray_node_lost", charged=False, evidence=env.model_dump_json())
-            self.streams.miner_lost(conn, env.signer, reason="ray_node_lost", charged=False,
-                                    evidence=env.model_dump_json())
+            tickets = self._active_tickets(conn, env.signer)
+            streams = conn.execute(sa.select(db.streams.c.id).where(
+                db.streams.c.miner_hotkey == env.signer, db.streams.c.status.in_(ACTIVE_STREAM))).scalars().all()
+            lost = [(t.job_id, t.attempt) for t in tickets] + [(stream_id, 1) for stream_id in streams]
+            for t in tickets:
+                self.ledger.retire(conn, t, reason=NODE_LOST, charged=False, evidence=evidence)
+            self.streams.miner_lost(conn, env.signer, reason=NODE_LOST, charged=False, evidence=evidence)
             self.placement.dispatch(conn)
+        if miner.node_id is not None and self.ray is not None:  # a report about the node it counts as up
+            check = NodeLossCheck(env.signer, msg.node_id, self.clock() + int(self.settings.node_lost_confirm_s * NS),
+                                  tuple(lost), evidence)
+            with self._checks_lock:
+                self._checks.setdefault((check.miner, check.node_id), check)
         self.streams.reconcile()  # the dead node's apps leave Serve's config
         self.changes.notify()
+
+    def sweep(self) -> None:
+        """Check each pending node_lost report against Ray's own view of the node (the head's GCS,
+        over the dashboard's State API). The report is a signed claim; Ray's view is what the claim
+        is about, so the report is charged only when Ray contradicts it:
+
+          DEAD, or unknown to Ray   confirmed: the fabric incident stands.
+          ALIVE                     maybe not yet noticed (Ray declares a killed node dead only after
+                                    its health checks fail for ~15 s): asked again each sweep; still
+                                    ALIVE ``node_lost_confirm_s`` after the report: the node was not
+                                    lost, the miner dropped its work, and each attempt and stream it
+                                    ended gets a charged ``node_lost_but_alive`` incident (one about
+                                    the miner if it ended none), the signed report its evidence.
+          Ray could not be asked    (dashboard down, timeout, malformed answer): never an accusation
+                                    on missing data. Asked again each sweep; still unanswered at the
+                                    deadline: a fabric ``ray_node_lost_unconfirmed`` incident about
+                                    the miner says the report was taken unchecked.
+
+        Pending checks live in memory: after a validator-core restart a report is taken as said
+        (the miner is favoured, never wrongly charged). Why the sweep and not the request: the
+        answer may take ``node_lost_confirm_s``, the agent must hear back at once, and the work
+        must move on at once (the agent killed it and rejoins), so only the blame waits.
+        """
+        if self.ray is None:
+            return
+        with self._checks_lock:
+            checks = list(self._checks.values())
+        for check in checks:
+            state = self.ray.node_state(check.node_id)
+            now = self.clock()
+            if state not in ("DEAD", "UNKNOWN") and now < check.deadline_ns:
+                continue  # ask again at the next sweep
+            with self._checks_lock:
+                self._checks.pop((check.miner, check.node_id), None)
+            waited_s = (now - check.deadline_ns) / NS + self.settings.node_lost_confirm_s
+            if state in ("DEAD", "UNKNOWN"):
+                log.info("node_lost of miner %s confirmed: Ray reports node %s %s, %.1f s after the report",
+                         check.miner, check.node_id, state, waited_s)
+                continue
+            charged = state == "ALIVE"
+            reason = NODE_LOST_BUT_ALIVE if charged else NODE_LOST_UNCONFIRMED
+            evidence = json.dumps({"node_lost": json.loads(check.report), "node_id": check.node_id,
+                                   "ray_state": state, "checked_ns": now,
+                                   "node_lost_confirm_s": self.settings.node_lost_confirm_s})
+            with self.engine.begin() as conn:
+                for job_id, attempt in (check.lost if charged and check.lost else [(None, None)]):
+                    self.ledger.incident(conn, check.miner, reason, charged=charged, job_id=job_id, attempt=attempt,
+                                         evidence=evidence)
+            log.warning("node_lost of miner %s: Ray %s node %s %.1f s after the report: %s", check.miner,
+                        "still reports ALIVE" if charged else "could not be asked about", check.node_id,
+                        waited_s, reason)
+
+    def pending_node_losses(self) -> list[NodeLossCheck]:
+        """The node_lost reports still waiting for Ray's view."""
+        with self._checks_lock:
+            return list(self._checks.values())
 
     def heartbeat(self, env: SignedEnvelope) -> list[str]:
         """Record liveness; answer with the tickets the miner still runs that are no longer

@@ -17,7 +17,7 @@ from cluster.protocol.envelope import SignedEnvelope
 from cluster.protocol.http import error_body
 from cluster.protocol.messages import ChallengeRequest
 from cluster.validator.core import ValidatorCore
-from cluster.validator.jobs_door import mount_jobs_door
+from cluster.validator.jobs_door import SubmissionOwners, mount_jobs_door
 from cluster.errors import InvalidSpec, Refused, SignatureRejected
 from cluster.protocol.jobs import JobSpec
 from cluster.protocol.streams import StreamSpec
@@ -38,8 +38,9 @@ def _bearer(authorization: str | None) -> str | None:
     return None
 
 
-def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None) -> FastAPI:
-    """validator-core's app; with ``jobs_dashboard_url``, also the Jobs door to that dashboard."""
+def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray_token: str = "") -> FastAPI:
+    """validator-core's app; with ``jobs_dashboard_url`` (and the cluster's ``ray_token``), also
+    the Jobs gateway to that dashboard."""
     app = FastAPI(title="rayhorde validator-core", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(Refused)
@@ -207,7 +208,8 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None) -> 
         return {"ok": True}
 
     if jobs_dashboard_url:  # stock `ray job submit` from other hosts (the dashboard binds 127.0.0.1)
-        mount_jobs_door(app, jobs_dashboard_url)
+        mount_jobs_door(app, jobs_dashboard_url, ray_token=ray_token, authorize=core.capabilities.check,
+                        owners=SubmissionOwners(core.engine, core.clock))
     return app
 
 

@@ -11,7 +11,8 @@ needs; desks never import this module. Who depends on whom (each only on those b
     scoring                  scores and weights per cycle
     capabilities | placement users' budgets; which miner gets work, the queue
     ledger                   job history and incidents
-    changes | envelopes | serve_rest   long polls; opening signed envelopes; Serve's REST API
+    changes | envelopes | serve_rest | ray_state   long polls; opening signed envelopes; Serve's
+                             REST API; Ray's State API (nodes as Ray sees them)
     store                    the schema and its migrations
 
 Every public method of a desk takes already-parsed input, opens the envelope once (the
@@ -43,6 +44,7 @@ from cluster.validator.ledger import Ledger
 from cluster.validator.organic import OrganicDesk
 from cluster.validator.placement import Placement
 from cluster.validator.probes import ProbeDesk
+from cluster.validator.ray_state import RayState
 from cluster.validator.scoring import ScoringDesk
 from cluster.validator.serve_rest import ServeRest
 from cluster.validator.streams import StreamDesk
@@ -85,7 +87,8 @@ class ValidatorCore:
                                              scoring=self.scoring, clock=clock, runner=self._runner(settings))
         self.admission = AdmissionDesk(settings, hotkey=hotkey, chain=chain, ray_token=ray_token, classes=classes,
                                        engine=engine, alloc=alloc, opener=opener, changes=changes, ledger=ledger,
-                                       placement=placement, streams=self.streams, clock=clock)
+                                       placement=placement, streams=self.streams, clock=clock,
+                                       ray=self._ray_state(settings, ray_token))
         self.organic = OrganicDesk(settings, hotkey=hotkey, classes=classes, image_policy=image_policy, engine=engine,
                                    alloc=alloc, opener=opener, changes=changes, ledger=ledger, placement=placement,
                                    capabilities=capabilities, clock=clock)
@@ -96,6 +99,12 @@ class ValidatorCore:
             return None  # no Ray head to deploy to (unit tests)
         return ServeRest(settings.dashboard_url(), ray_token, http_port=settings.resolved_serve_http_port(),
                          request_timeout_s=settings.serve_request_timeout_s)
+
+    @staticmethod
+    def _ray_state(settings: ValidatorSettings, ray_token: str) -> RayState | None:
+        if not settings.deploy_streams:
+            return None  # no Ray head to ask (unit tests): node_lost reports are taken as said
+        return RayState(settings.dashboard_url(), ray_token)
 
     @staticmethod
     def _runner(settings: ValidatorSettings) -> BatchRunner | None:
@@ -109,10 +118,12 @@ class ValidatorCore:
 
     # ------------------------------------------------------------------ periodic
     def sweep(self) -> None:
-        """Retire lost attempts, serve the queue, end streams, close the scoring cycle."""
+        """Retire lost attempts, serve the queue, end streams, close the scoring cycle, check
+        node_lost reports against Ray (last: it may wait on the dashboard)."""
         self.organic.sweep()
         self.streams.sweep()
         self.scoring.tick()
+        self.admission.sweep()
 
     def start(self) -> list[threading.Thread]:
         """Start the background loops: the sweeper, verification and probes (until :meth:`stop`)."""

@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         core = build_core(settings)
     except ConfigError as exc:  # one line: what is wrong and how to fix it
         sys.exit(f"validator-core: {exc}")
-    head = start_head(settings, read_or_create_secret(settings.token_path())) if args.head else None
+    token = read_or_create_secret(settings.token_path())
+    head = start_head(settings, token) if args.head else None
     try:
         core.start()
         log.info("validator %s on %s (db %s)", core.hotkey.ss58, settings.url, settings.resolved_db_url())
-        app = build_app(core, jobs_dashboard_url=settings.dashboard_url())
+        app = build_app(core, jobs_dashboard_url=settings.dashboard_url(), ray_token=token)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                     **tls)
     finally:

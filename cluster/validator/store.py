@@ -208,6 +208,15 @@ probes = sa.Table(  # validator-core's own requests to verifiable streams: alway
 )
 
 
+gateway_submissions = sa.Table(  # Ray Jobs submitted through validator-core's Jobs gateway, and whose they are
+    "gateway_submissions", metadata,
+    sa.Column("submission_id", String, primary_key=True),
+    sa.Column("user_hotkey", String, nullable=False, index=True),
+    sa.Column("capability_id", String, nullable=False),
+    sa.Column("created_ns", sa.BigInteger, nullable=False),
+)
+
+
 def open_engine(url: str) -> sa.Engine:
     """An engine for ``url`` with the schema migrated to the newest version."""
     if sa.engine.make_url(url).get_backend_name() == "sqlite":
@@ -294,6 +303,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "verification: collected claims, receipt cursor per stream", _claims_and_cursor),
     Migration(4, "scoring cycles, probes", _scores_and_probes),
     Migration(5, "stored module paths follow the modules that moved (cluster.protocol.moved)", _current_module_paths),
+    Migration(6, "the Jobs gateway's submissions and their users",
+              lambda conn: gateway_submissions.create(conn, checkfirst=True)),
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations

@@ -51,12 +51,14 @@ def capability(url: str, max_jobs: str = "20") -> dict:
     return {"capability": request_capability(url, Hotkey.from_uri(USER_URI), max_jobs=int(max_jobs), ttl_s=3600)}
 
 
-def _ray_env(token: str) -> dict:
-    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+def _ray_env(cap: str) -> dict:
+    """Ray's CLI and SDK with the user's capability as the token: the Jobs gateway takes it (and
+    sends Ray the real token, which the user never holds)."""
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cap}
 
 
-def hello(url: str, cap: str, token: str) -> dict:
-    """The peer's hello world with stock ``ray job submit`` against validator-core's Jobs door."""
+def hello(url: str, cap: str) -> dict:
+    """The peer's hello world with stock ``ray job submit`` against validator-core's Jobs gateway."""
     env_vars = {"RAYHORDE_VALIDATOR_URL": url, "RAYHORDE_CAPABILITY": cap,
                 "RAYHORDE_CA_BUNDLE": os.environ["RAYHORDE_CA_BUNDLE"]}
     with tempfile.TemporaryDirectory(prefix="hello-") as work:
@@ -64,18 +66,18 @@ def hello(url: str, cap: str, token: str) -> dict:
         t0 = time.monotonic()
         out = subprocess.run([RAY, "job", "submit", "--address", url, "--verify", os.environ["RAYHORDE_CA_BUNDLE"],
                               "--working-dir", work, "--runtime-env-json", json.dumps({"env_vars": env_vars}),
-                              "--", "python", "hello.py"], env=_ray_env(token), capture_output=True, text=True,
+                              "--", "python", "hello.py"], env=_ray_env(cap), capture_output=True, text=True,
                              timeout=400, cwd=work)
     return {"rc": out.returncode, "stdout": out.stdout[-4000:], "stderr": out.stderr[-2000:],
             "elapsed_s": time.monotonic() - t0}
 
 
-def submit(url: str, cap: str, token: str, sleep_s: str, count: str = "1") -> dict:
+def submit(url: str, cap: str, sleep_s: str, count: str = "1") -> dict:
     """``count`` organic jobs that each sleep ``sleep_s``, each its own driver submitted through
-    the Jobs door (``--no-wait``); answers their rayhorde job ids once validator-core has them."""
+    the Jobs gateway (no waiting); answers their rayhorde job ids once validator-core has them."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"},
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {cap}"},
                                  verify=os.environ["RAYHORDE_CA_BUNDLE"])
     spec = {"image": "rayhorde/busybox:local", "command": ["sh", "-c", f"sleep {sleep_s}; echo slept"],
             "executor_class": "always_on.test", "execution_timeout_s": 110, "max_wait_s": 300}

@@ -1,24 +1,36 @@
-"""validator-core's Jobs door on 127.0.0.1: only Ray's Jobs API is forwarded to the dashboard
-(here a stand-in dashboard that records what reaches it); the State API, Serve REST and anything
-else under /api are refused before they reach Ray; the log tail websocket is relayed."""
+"""validator-core's Jobs gateway on 127.0.0.1, in front of a stand-in dashboard that records what
+reaches it: users authenticate with a capability and never see the Ray token (the gateway sends
+it); each user sees, logs and stops only their own submissions; everything else under /api, and
+any path that tries to climb out of the Jobs API, is refused before it reaches Ray."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import socket
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from cluster.chain.local import LocalChain
 from cluster.miner.serving import BackgroundServer
-from cluster.validator.jobs_door import mount_jobs_door
+from cluster.protocol.envelope import seal
+from cluster.protocol.identity import Hotkey
+from cluster.protocol.messages import CapabilityRequest
+from cluster.resources import config_path
+from cluster.settings import ValidatorSettings
+from cluster.validator.app import build_app
+from cluster.validator.core import ValidatorCore
 
 pytestmark = pytest.mark.integration
+ALICE, DAVE, EVE = (Hotkey.from_uri(u) for u in ("//Alice", "//Dave", "//Eve"))
+RAY_TOKEN = "the-cluster-ray-token"
 
 
 def _port() -> int:
@@ -28,12 +40,23 @@ def _port() -> int:
 
 
 @pytest.fixture(scope="module")
-def door():
+def gateway(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gateway")
     hits: list[tuple[str, str, str | None, bytes]] = []
+    submitted = [{"submission_id": "raysubmit_not_via_gateway", "status": "RUNNING"}]
 
     async def anything(request: Request):
-        hits.append((request.method, request.url.path, request.headers.get("authorization"), await request.body()))
-        return JSONResponse({"path": request.url.path, "query": str(request.url.query)}, status_code=200)
+        body = await request.body()
+        hits.append((request.method, request.url.path, request.headers.get("authorization"), body))
+        if request.method == "POST" and request.url.path == "/api/jobs/":
+            sub = json.loads(body)
+            if sub["entrypoint"] == "refuse me":
+                return JSONResponse({"error": "bad runtime env"}, status_code=400)
+            submitted.append({"submission_id": sub["submission_id"], "status": "PENDING"})
+            return JSONResponse({"job_id": None, "submission_id": sub["submission_id"]})
+        if request.method == "GET" and request.url.path == "/api/jobs/":
+            return JSONResponse(submitted)
+        return JSONResponse({"path": request.url.path, "query": str(request.url.query)})
 
     async def tail(ws):
         hits.append(("WS", ws.url.path, ws.headers.get("authorization"), b""))
@@ -44,54 +67,99 @@ def door():
 
     dashboard = Starlette(routes=[WebSocketRoute("/api/jobs/{job_id}/logs/tail", tail),
                                   Route("/{path:path}", anything, methods=["GET", "POST", "PUT", "DELETE"])])
+    shutil.copy(config_path("metagraph.local.json"), root / "metagraph.json")
+    settings = ValidatorSettings(home=root, wallet_path=root, db_url=f"sqlite:///{root / 'v.db'}", deploy_streams=False,
+                                 metagraph_path=root / "metagraph.json", users=[DAVE.ss58, EVE.ss58])
+    core = ValidatorCore(settings, hotkey=ALICE, chain=LocalChain(settings.metagraph_path), ray_token=RAY_TOKEN)
+    caps = {u: core.capabilities.issue(seal(u, "capability_request", CapabilityRequest(
+        validator=ALICE.ss58, max_jobs=5, ttl_s=3600))) for u in (DAVE, EVE)}
     dport, vport = _port(), _port()
-    servers = [BackgroundServer(dashboard, name="stand-in dashboard", host="127.0.0.1", port=dport)]
-    app = FastAPI()
-    mount_jobs_door(app, f"http://127.0.0.1:{dport}")
-    servers.append(BackgroundServer(app, name="the Jobs door", host="127.0.0.1", port=vport))
+    servers = [BackgroundServer(dashboard, name="stand-in dashboard", host="127.0.0.1", port=dport),
+               BackgroundServer(build_app(core, jobs_dashboard_url=f"http://127.0.0.1:{dport}", ray_token=RAY_TOKEN),
+                                name="validator-core", host="127.0.0.1", port=vport)]
     for s in servers:
         s.start()
-    yield f"http://127.0.0.1:{vport}", hits
+    yield f"http://127.0.0.1:{vport}", hits, {"dave": caps[DAVE], "eve": caps[EVE]}
     for s in reversed(servers):
         s.stop()
 
 
-def test_the_jobs_api_is_forwarded_with_its_token_and_body(door):
-    url, hits = door
+def _as(cap: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {cap}"}
+
+
+def test_a_submission_is_the_users_own_and_ray_sees_only_the_gateways_token(gateway):
+    url, hits, caps = gateway
     hits.clear()
-    auth = {"Authorization": "Bearer ray-token"}
-    assert httpx.get(f"{url}/api/version", headers=auth).status_code == 200
-    r = httpx.post(f"{url}/api/jobs/", headers=auth, json={"entrypoint": "python hello.py"})
-    assert r.status_code == 200 and r.json()["path"] == "/api/jobs/"
-    assert httpx.put(f"{url}/api/packages/gcs/_ray_pkg_1.zip", headers=auth, content=b"zip bytes").status_code == 200
-    r = httpx.get(f"{url}/api/jobs/raysubmit_1/logs", params={"x": "1"}, headers=auth)
-    assert r.json() == {"path": "/api/jobs/raysubmit_1/logs", "query": "x=1"}
-    assert [(m, p, a) for m, p, a, _ in hits] == [
-        ("GET", "/api/version", "Bearer ray-token"), ("POST", "/api/jobs/", "Bearer ray-token"),
-        ("PUT", "/api/packages/gcs/_ray_pkg_1.zip", "Bearer ray-token"),
-        ("GET", "/api/jobs/raysubmit_1/logs", "Bearer ray-token")]
-    assert hits[2][3] == b"zip bytes"
+    assert httpx.get(f"{url}/api/version", headers=_as(caps["dave"])).status_code == 200
+    assert httpx.put(f"{url}/api/packages/gcs/_ray_pkg_1.zip", headers=_as(caps["dave"]),
+                     content=b"zip bytes").status_code == 200
+    r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "python hello.py"})
+    assert r.status_code == 200, r.text
+    sid = r.json()["submission_id"]
+    assert sid.startswith("raysubmit_")
+    assert {a for _, _, a, _ in hits} == {f"Bearer {RAY_TOKEN}"}  # the capability never reaches Ray
+    assert hits[1][3] == b"zip bytes" and json.loads(hits[2][3])["submission_id"] == sid
+    # the owner lists, reads, logs and stops it; nobody else sees it
+    assert [j["submission_id"] for j in httpx.get(f"{url}/api/jobs/", headers=_as(caps["dave"])).json()] == [sid]
+    assert httpx.get(f"{url}/api/jobs/", headers=_as(caps["eve"])).json() == []
+    for method, path in (("GET", f"/api/jobs/{sid}"), ("GET", f"/api/jobs/{sid}/logs"),
+                         ("POST", f"/api/jobs/{sid}/stop"), ("DELETE", f"/api/jobs/{sid}")):
+        hits.clear()
+        other = httpx.request(method, f"{url}{path}", headers=_as(caps["eve"]))
+        assert other.status_code == 404 and other.json()["error"]["reason"] == "unknown_submission", other.text
+        assert hits == []
+        assert httpx.request(method, f"{url}{path}", headers=_as(caps["dave"])).status_code == 200
+        assert hits == [(method, path, f"Bearer {RAY_TOKEN}", b"")]
+    # a submission made around the gateway is nobody's here
+    assert httpx.get(f"{url}/api/jobs/raysubmit_not_via_gateway", headers=_as(caps["dave"])).status_code == 404
+
+
+@pytest.mark.parametrize("bearer, reason", [(None, "no_capability"), (RAY_TOKEN, "invalid_capability"),
+                                            ("eyJub3QiOiJzaWduZWQifQ", "invalid_capability")])
+def test_without_a_capability_nothing_reaches_ray(gateway, bearer, reason):
+    url, hits, _ = gateway
+    hits.clear()
+    headers = _as(bearer) if bearer else {}
+    for method, path in (("GET", "/api/version"), ("GET", "/api/jobs/"), ("POST", "/api/jobs/")):
+        r = httpx.request(method, f"{url}{path}", headers=headers, json={"entrypoint": "x"})
+        assert r.status_code == 401 and r.json()["error"]["reason"] == reason, r.text
+        assert "capability" in r.json()["error"]["message"]
+    assert hits == []
+
+
+def test_a_submission_ray_refuses_is_nobodys_and_ids_are_not_taken_twice(gateway):
+    url, hits, caps = gateway
+    r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]),
+                   json={"entrypoint": "refuse me", "submission_id": "raysubmit_mine"})
+    assert r.status_code == 400
+    r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["eve"]), json={"entrypoint": "ok", "submission_id": "raysubmit_mine"})
+    assert r.status_code == 200  # released when Ray refused it: Eve may use the id
+    again = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "ok", "submission_id": "raysubmit_mine"})
+    assert again.status_code == 409 and again.json()["error"]["reason"] == "submission_exists"
+    bad = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "ok", "submission_id": "../x"})
+    assert bad.status_code == 422
 
 
 @pytest.mark.parametrize("path", ["/api/serve/applications/", "/api/v0/nodes", "/api/v0/tasks", "/api/cluster_status",
-                                  "/api/actors/kill"])
-def test_everything_else_under_api_is_refused_before_ray(door, path):
-    url, hits = door
+                                  "/api/actors/kill", "/api/jobs/x/y/z"])
+def test_everything_else_under_api_is_refused_before_ray(gateway, path):
+    url, hits, caps = gateway
     hits.clear()
-    r = httpx.get(f"{url}{path}", headers={"Authorization": "Bearer ray-token"})
+    r = httpx.get(f"{url}{path}", headers=_as(caps["dave"]))
     assert r.status_code == 404 and r.json()["error"]["reason"] == "not_served", r.text
-    assert "only Ray's Jobs API" in r.json()["error"]["message"]
     assert hits == []
 
 
 @pytest.mark.parametrize("raw", ["/api/jobs/../serve/applications/", "/api/jobs/%2e%2e/serve/applications/",
                                  "/api/jobs/./../v0/nodes"])
-def test_dot_segments_cannot_climb_out_of_the_jobs_api(door, raw):
-    url, hits = door
+def test_dot_segments_cannot_climb_out_of_the_jobs_api(gateway, raw):
+    url, hits, caps = gateway
     hits.clear()
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:  # raw: clients would normalise the path
-        s.sendall(f"GET {raw} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET {raw} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {caps['dave']}\r\n"
+                  "Connection: close\r\n\r\n".encode())
         answer = b""
         while chunk := s.recv(65536):
             answer += chunk
@@ -99,11 +167,16 @@ def test_dot_segments_cannot_climb_out_of_the_jobs_api(door, raw):
     assert hits == []
 
 
-def test_the_log_tail_websocket_is_relayed(door):
-    url, hits = door
+def test_the_log_tail_is_relayed_to_its_owner_only(gateway):
+    url, hits, caps = gateway
+    sid = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "tail me"}).json()["submission_id"]
     hits.clear()
-    with connect(url.replace("http", "ws") + "/api/jobs/raysubmit_1/logs/tail",
-                 additional_headers={"Authorization": "Bearer ray-token"}) as ws:
+    ws_url = url.replace("http", "ws") + f"/api/jobs/{sid}/logs/tail"
+    with pytest.raises(InvalidStatus):  # closed before the handshake completes
+        with connect(ws_url, additional_headers=_as(caps["eve"])) as ws:
+            ws.recv(timeout=10)
+    assert hits == []
+    with connect(ws_url, additional_headers=_as(caps["dave"])) as ws:
         got = [ws.recv(timeout=10), ws.recv(timeout=10)]
     assert got == ["line 1\n", "line 2\n"]
-    assert hits == [("WS", "/api/jobs/raysubmit_1/logs/tail", "Bearer ray-token", b"")]
+    assert hits == [("WS", f"/api/jobs/{sid}/logs/tail", f"Bearer {RAY_TOKEN}", b"")]
