@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,10 @@ class LocalStack:
 
             if VerificationCluster.stop_recorded(verification["state_file"]):
                 stopped.append("verification-cluster")
+        # Ray temp dirs live under /tmp (short: unix socket paths are limited to 107 bytes), not
+        # under home: remove them with what used them
+        for name in ["head", *state.get("miners", {})]:
+            shutil.rmtree(short_tmp(self.home, name), ignore_errors=True)
         if self.state_file.exists():
             self.state_file.unlink()
         return stopped

@@ -14,6 +14,7 @@ import pytest
 
 from cluster.fabric.ports import listening_sockets
 from cluster.fabric.processes import process_tree
+from cluster.fabric.ray_node import short_tmp
 from cluster.devstack.local_stack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -41,6 +42,8 @@ def test_up_binds_loopback_only_and_down_leaves_nothing(engine, tmp_path):
     assert listening & listening_sockets() == set()
     assert engine.containers.list(all=True, filters={"label": "rayhorde.agent"}) == []
     assert not (tmp_path / "s" / "stack.json").exists()
+    for name in ("head", "miner1"):  # the Ray temp dirs under /tmp go too
+        assert not os.path.exists(short_tmp(tmp_path / "s", name)), name
 
 
 def test_a_failed_start_says_why_and_leaves_nothing(engine, tmp_path):
