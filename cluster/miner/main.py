@@ -182,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 accepted = admit(validator, hotkey, settings, proxy_url)
                 return start_node()
             except Refused as exc:
-                if exc.reason not in ("not_admitted", "bad_challenge"):
-                    raise  # banned, deregistered, wrong version: an operator must act
+                if exc.reason not in ("not_admitted", "bad_challenge"):  # banned, deregistered, wrong version
+                    log.error("rejoin refused: %s; an operator must act", exc)
+                    raise SystemExit(2)
                 log.warning("rejoin refused (%s); retrying", exc)
             except (ServiceUnavailable, TimeoutError, RuntimeError) as exc:
                 log.warning("rejoin failed (%s); retrying in %.0f s", exc, accepted.heartbeat_interval_s)
@@ -205,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 answer = validator.post_signed("/v1/heartbeat", seal(hotkey, "heartbeat",
                                                                      Heartbeat(running_tickets=sorted(core.running))))
             except Refused as exc:
-                if exc.reason != "not_admitted":
-                    raise
+                if exc.reason != "not_admitted":  # e.g. clock_skew: say so, keep serving (as for any failure)
+                    log.warning("heartbeat refused: %s", exc)
+                    continue
                 ray_node.stop_process(proc)  # validator-core dropped us: a new admission, a new node
                 proc, node_id = rejoin(None, f"validator-core no longer knows this miner ({exc})")
                 continue
