@@ -30,14 +30,12 @@ from cluster.devstack.local_stack import LocalStack  # noqa: E402
 from cluster.fabric.ray_node import short_tmp  # noqa: E402
 from cluster.resources import config_path  # noqa: E402
 from cluster.protocol.user import request_capability  # noqa: E402
+from benchmarks.report import bench  # noqa: E402
 
 IMAGE = "rayhorde/busybox:local"
 TRIVIAL = ["sh", "-c", "echo hi"]
 DOCKER_HOST = "unix:///run/rayhorde-docker.sock"
 
-
-def bench(name: str, value: float, unit: str, note: str = "") -> None:
-    print(f"BENCH {name} {value:.4g} {unit}" + (f"   # {note}" if note else ""), flush=True)
 
 
 def pss_mb(pids: list[int]) -> float:

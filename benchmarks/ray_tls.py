@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import bench
 from cluster.devstack.certs import make_ca
 from cluster.fabric import ray_node
 from cluster.fabric.ports import PORT_BLOCK, HeadPorts, find_free_port_base
@@ -47,9 +48,6 @@ for _ in range(15):
 print(json.dumps({"task_p50_s": lat[len(lat) // 2], "put_get_s": sorted(big)[len(big) // 2]}), flush=True)
 """
 
-
-def bench(name: str, value: float, unit: str, note: str = "") -> None:
-    print(f"BENCH {name} {value:.4g} {unit}" + (f"   # {note}" if note else ""), flush=True)
 
 
 def one_cluster(root: Path, tls_env: dict[str, str]) -> dict[str, float]:

@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.report import bench
 from cluster.protocol.identity import Hotkey
 from tests.support.topo_stack import MINER_URIS, RAY_PORT_BASE, STREAM_CLASS, TopoStack
 from tests.support.topology import Host, Topology, cleanup_stale, missing_requirements
@@ -35,11 +36,6 @@ WARM, ROUNDS = 2, 9  # organic: warm-ups each, then interleaved rounds
 ECHO_ROUNDS, ECHO_CALLS = 5, 60  # latency: rounds per side, calls per round
 TPUT_ROUNDS, TPUT_CLIENTS, TPUT_S = 3, 16, 4.0  # throughput: rounds per side, clients, seconds each
 
-
-def bench(name: str, value: float, unit: str, note: str = "") -> None:
-    # benchmarks/__main__.py's format; not imported from there: importing it sets Ray's loopback
-    # switch in this process's environment, which the roles started in the hosts would inherit
-    print(f"BENCH {name} {value:.4g} {unit}" + (f"   # {note}" if note else ""), flush=True)
 
 
 def step(stack: TopoStack, host: Host, name: str, *args: Any, timeout_s: float = 300, **env: str) -> dict[str, Any]:

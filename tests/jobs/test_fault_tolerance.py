@@ -17,19 +17,11 @@ from cluster.errors import TicketRefused
 from cluster.protocol.jobs import JobResult
 from cluster.validator.ray_state import RayState
 from tests.conftest import IMAGE
+from tests.support.net import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 URIS = {"miner1": "//Bob", "miner2": "//Charlie"}
 
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def wait_both_miners_live(stack, timeout_s: float = 60) -> None:

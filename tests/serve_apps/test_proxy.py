@@ -5,7 +5,6 @@ tampered answer caught by the client, and a stalled stream ended by the proxy's 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -25,6 +24,7 @@ from serve_apps import (
 from cluster.protocol.keys import PublicKey
 from serve_apps.echo import EchoApp
 from tests.serve_apps.conftest import assert_error
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +33,10 @@ JOB = "job-e1"
 PREFIX = f"/jobs/{JOB}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Served:
     def __init__(self, app) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

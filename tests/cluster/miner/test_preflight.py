@@ -6,7 +6,6 @@ tests/topology/test_across_hosts.py.)"""
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -25,15 +24,11 @@ from cluster.resources import config_path
 from cluster.settings import MinerSettings, ValidatorSettings
 from cluster.validator.app import build_app
 from cluster.validator.core import ValidatorCore
+from tests.support.net import free_port
 
 ALICE = Hotkey.from_uri("//Alice")
 SKEW_S = 60
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Validator:
@@ -46,7 +41,7 @@ class _Validator:
                                      metagraph_path=root / "metagraph.json", deploy_streams=False)
         core = ValidatorCore(settings, hotkey=ALICE, chain=LocalChain(settings.metagraph_path), ray_token="t",
                              clock=lambda: time.time_ns() + int(skew_s * NS))
-        port = _free_port()
+        port = free_port()
         self.server = BackgroundServer(build_app(core), name="validator-core under test", host="127.0.0.1",
                                        port=port, ssl_certfile=cert, ssl_keyfile=key)
         self.server.start()

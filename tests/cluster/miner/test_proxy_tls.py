@@ -32,6 +32,7 @@ from cluster.validator.probes import ProbeDesk
 from cluster.validator.verification import VerificationDesk
 from serve_apps import SigningKey, StreamJob, Streams
 from serve_apps.echo import EchoApp
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +41,6 @@ VALIDATOR = Hotkey.from_uri("//Alice")
 JOB = "job-tls1"
 PREFIX = f"/jobs/{JOB}"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +54,7 @@ def world(tmp_path_factory):
     async def endpoint(request):
         return await echo(request)
 
-    serve_port = _free_port()
+    serve_port = free_port()
     serve = BackgroundServer(Starlette(routes=[Route(PREFIX + "/{rest:path}", endpoint, methods=["GET", "POST"])]),
                              name="the echo job", host="127.0.0.1", port=serve_port)
     serve.start()
@@ -68,7 +64,7 @@ def world(tmp_path_factory):
         posted.append({"path": request.url.path, "envelope": json.loads(request.content)})
         return httpx.Response(200, json={"ok": True})
 
-    port = _free_port()
+    port = free_port()
     proxy_url = f"https://127.0.0.1:{port}"
     validator = ServiceClient("https://validator.invalid", transport=httpx.MockTransport(validator_core))
     keeper = StreamKeeper(MINER, validator,
@@ -177,7 +173,7 @@ def test_validator_core_collects_and_probes_over_https_with_its_ca_bundle(world,
 
 def test_the_proxy_binds_the_host_it_is_given(world):
     cert, key = world.ca.issue(world.root / "miner2", "miner2", ["127.0.0.2"])
-    port = _free_port()
+    port = free_port()
     keeper = StreamKeeper(MINER, ServiceClient("https://validator.invalid", transport=httpx.MockTransport(
                               lambda r: httpx.Response(200, json={}))),
                           validator_hotkey=VALIDATOR.ss58, proxy_port=port, proxy_url=f"https://127.0.0.2:{port}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import socket
 import stat
 from types import SimpleNamespace
 
@@ -24,17 +23,13 @@ from cluster.devstack.certs import make_ca
 from cluster.errors import CapabilityRefused, CertificateUntrusted, ConfigError
 from cluster.miner.serving import BackgroundServer
 from cluster.protocol.http import CA_BUNDLE_ENV, ServiceClient, error_body
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 
 HEALTH = {"validator": "5HealthyValidator"}
 STATUS = {"validator": "5HealthyValidator", "gcs_address": "127.0.0.1:6380", "jobs": {"completed": 3}, "miners": []}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,7 @@ def _serve(cert, key, hits: list[str]) -> tuple[BackgroundServer, str]:
 
     app = Starlette(routes=[Route("/v1/health", health), Route("/v1/status", status),
                             Route("/v1/jobs", jobs, methods=["POST"])])
-    port = _free_port()
+    port = free_port()
     server = BackgroundServer(app, name="a test HTTPS service", host="127.0.0.1", port=port,
                               ssl_certfile=cert, ssl_keyfile=key)
     server.start()

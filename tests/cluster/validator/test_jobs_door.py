@@ -27,16 +27,12 @@ from cluster.resources import config_path
 from cluster.settings import ValidatorSettings
 from cluster.validator.app import build_app
 from cluster.validator.core import ValidatorCore
+from tests.support.net import free_port
 
 pytestmark = pytest.mark.integration
 ALICE, DAVE, EVE = (Hotkey.from_uri(u) for u in ("//Alice", "//Dave", "//Eve"))
 RAY_TOKEN = "the-cluster-ray-token"
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +69,7 @@ def gateway(tmp_path_factory):
     core = ValidatorCore(settings, hotkey=ALICE, chain=LocalChain(settings.metagraph_path), ray_token=RAY_TOKEN)
     caps = {u: core.capabilities.issue(seal(u, "capability_request", CapabilityRequest(
         validator=ALICE.ss58, max_jobs=5, ttl_s=3600))) for u in (DAVE, EVE)}
-    dport, vport = _port(), _port()
+    dport, vport = free_port(), free_port()
     servers = [BackgroundServer(dashboard, name="stand-in dashboard", host="127.0.0.1", port=dport),
                BackgroundServer(build_app(core, jobs_dashboard_url=f"http://127.0.0.1:{dport}", ray_token=RAY_TOKEN),
                                 name="validator-core", host="127.0.0.1", port=vport)]

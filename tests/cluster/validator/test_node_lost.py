@@ -32,6 +32,7 @@ from cluster.validator import store as db
 from cluster.validator.ray_state import RayState
 from tests.cluster.validator.test_validator_service import BOB, CHARLIE, Harness, by_hotkey
 from tests.conftest import IMAGE
+from tests.support.net import wait_for
 
 NODE = {BOB.ss58: "b0" * 28, CHARLIE.ss58: "c1" * 28}  # Ray node ids: 28 bytes, hex
 CONFIRM_S = 30  # ValidatorSettings.node_lost_confirm_s, the default
@@ -322,15 +323,6 @@ def test_without_a_ray_head_a_node_lost_is_taken_as_said(tmp_path, db_url, dashb
 # ---------------------------------------------------------------------------- against the real Ray head
 URIS = {"miner1": "//Bob", "miner2": "//Charlie"}  # the local stack's dev miners
 
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def status(stack) -> dict[str, Any]:
