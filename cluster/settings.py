@@ -16,7 +16,7 @@ import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -84,6 +84,10 @@ class ValidatorSettings(BaseModel):
     executor_classes_path: Path = Field(default_factory=lambda: config_path("executor_classes.toml"))
     users: list[str] = []
     banned_hotkeys: list[str] = []
+    # "nftables": only admitted miners' addresses (and loopback) reach the head's Ray ports
+    # (cluster/validator/nftables.py; needs CAP_NET_ADMIN); "none": the one-machine dev stack
+    firewall: Literal["none", "nftables"] = "none"
+    firewall_table: str = Field(default="rayhorde", pattern=r"^[a-z][a-z0-9_]{0,31}$")
     image_allow: list[str] = []  # glob patterns; empty = every image not denied
     image_deny: list[str] = []
     max_clock_skew_s: float = Field(gt=0, default=5)
@@ -101,6 +105,9 @@ class ValidatorSettings(BaseModel):
     # within this long (checked every sweep); still ALIVE after it: charged (node_lost_but_alive).
     # Ray's health check declares a killed node dead after 5 failed checks 3 s apart (~15 s): keep above.
     node_lost_confirm_s: float = Field(gt=0, default=30)
+    # The watchtower (validator/watchtower.py) reads Ray (State API, GCS) this often and ends impostor
+    # nodes and rogue drivers, actors and tasks, charging their miner; 0: no watch.
+    watch_interval_s: float = Field(ge=0, default=5)
     ray_port_base: int = 6380
     ray_gcs_address: str | None = None  # default: <ray_node_ip>:<ray_port_base>
     ray_token_path: Path | None = None  # default: <home>/ray_token

@@ -1,12 +1,13 @@
 """The peer system's hello-world job, as a Ray driver script.
 
     RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<capability> ray job submit --address <validator-core URL> \
-        --working-dir . --runtime-env-json \
-        '{"env_vars": {"RAYHORDE_VALIDATOR_URL": "...", "RAYHORDE_CAPABILITY": "<capability>"}}' \
-        -- python examples/hello.py
+        --working-dir . -- python hello.py
 
 validator-core's Jobs gateway takes the capability in place of the Ray token (users never hold
-that); `rayhorde capability` prints one.
+that), and gives the driver what it needs instead: the validator's URL and a scope for this one
+submission (``RAYHORDE_VALIDATOR_URL``, ``RAYHORDE_CAPABILITY``), never the capability itself.
+`rayhorde capability` prints one. The working dir is uploaded into the cluster, where every
+member can read it: keep secrets out of it (``rayhorde job run`` sends the spec to validator-core only).
 """
 
 import os

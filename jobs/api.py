@@ -2,7 +2,7 @@
 
 from cluster.errors import JobNotFinished
 from cluster.protocol.jobs import Failure, FailureKind, JobResult, JobSpec, JobStatus, JobView, StatusEvent
-from jobs._private.client import JobHandle, submit
+from jobs._private.client import JobHandle, follow, submit
 
 __all__ = [
     "Failure",
@@ -14,5 +14,6 @@ __all__ = [
     "JobStatus",
     "JobView",
     "StatusEvent",
+    "follow",
     "submit",
 ]

@@ -11,7 +11,7 @@ import serve_apps
 
 def test_jobs_public_names():
     assert sorted(jobs.__all__) == ["Failure", "FailureKind", "JobHandle", "JobNotFinished", "JobResult", "JobSpec",
-                                    "JobStatus", "JobView", "StatusEvent", "submit"]
+                                    "JobStatus", "JobView", "StatusEvent", "follow", "submit"]
     assert all(hasattr(jobs, name) for name in jobs.__all__)
 
 

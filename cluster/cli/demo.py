@@ -42,13 +42,11 @@ def ray_job_submit(state: dict, capability: str, example: str) -> subprocess.Com
     gateway, with the user's capability as the token (the user never holds the Ray token); the
     example shipped with rayhorde copied alone into a temporary working dir (the driver imports
     ``jobs`` from the Ray node's own path, as a user's driver would)."""
-    env_vars = {"RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": capability}
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": capability}
     with tempfile.TemporaryDirectory(prefix="rayhorde-demo-") as work:
         shutil.copy(example_path(example), Path(work) / example)
         cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", state["validator_url"],
-               "--working-dir", work, "--runtime-env-json", json.dumps({"env_vars": env_vars}),
-               "--", "python", example]
+               "--working-dir", work, "--", "python", example]  # the gateway hands the driver its scope and URL
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=work)
 
 

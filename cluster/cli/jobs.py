@@ -1,16 +1,15 @@
 """``rayhorde job run|status|logs|list|cancel``: organic jobs from the command line, and the
 helpers the demo shares (:func:`run_job`, :func:`follow_job`, :func:`print_view`).
 
-``job run`` submits a driver through Ray's Jobs REST API, as ``ray job submit`` does (the
-driver holds a capability, never the user's hotkey), then reads the job from validator-core,
-never from the driver's output.
+``job run`` registers the job with validator-core, submits its driver through Ray's Jobs REST
+API as ``ray job submit`` does (the driver holds a scope that follows that one job: never the
+spec, the capability or the user's hotkey), then reads the job from validator-core, never from
+the driver's output.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import sys
 import time
 
@@ -18,7 +17,7 @@ import click
 
 from cluster.cli.common import home_dir, home_option, stack_state, user_capability, user_options, with_options
 from cluster.protocol.http import CA_BUNDLE_ENV, ServiceClient
-from cluster.protocol.jobs import JobView
+from cluster.protocol.jobs import CAPABILITY_ENV, VALIDATOR_URL_ENV, JobView, Submitted
 
 
 @click.group()
@@ -48,38 +47,54 @@ def job_run(home: str | None, wallet: str, wallet_uri: str, image: str, env: tup
 
 def run_job(state: dict, spec: dict, *, wallet: str = "user", wallet_uri: str | None = "//Dave",
             timeout_s: float = 300, progress: bool = False) -> JobView:
-    """Submit a driver with ``ray job submit`` semantics (Jobs REST API) and read the result from validator-core."""
+    """Register the job with validator-core, then start its driver with ``ray job submit``
+    semantics (Jobs REST API, through validator-core's gateway); read the result from validator-core.
+
+    The spec goes to validator-core only: Ray's job table, which every cluster member reads, gets
+    the job's id and a scope that follows that one job, not the spec (registry passwords, tokens,
+    presigned URLs) and not the capability."""
     from ray.job_submission import JobSubmissionClient  # imports Ray: only the commands that submit pay for it
 
     cap = user_capability(state, wallet, wallet_uri, max_jobs=1, ttl_s=600)
+    ca_bundle = os.environ.get(CA_BUNDLE_ENV) or None
+    user = ServiceClient(state["validator_url"], headers={"Authorization": f"Bearer {cap}"}, verify=ca_bundle)
+    job_id = Submitted.model_validate(user.post("/v1/jobs", spec)).job_id
+    scope = user.post(f"/v1/jobs/{job_id}/scope", {})["scope"]
     # through validator-core's Jobs gateway: the capability is the token (users never hold Ray's)
     client = JobSubmissionClient(state["validator_url"], headers={"Authorization": f"Bearer {cap}"},
-                                 verify=os.environ.get(CA_BUNDLE_ENV) or True)
-    env = {"RAYHORDE_VALIDATOR_URL": state["validator_url"], "RAYHORDE_CAPABILITY": cap}
-    if os.environ.get(CA_BUNDLE_ENV):  # the driver verifies validator-core as this command does
-        env[CA_BUNDLE_ENV] = os.environ[CA_BUNDLE_ENV]
-    sub = client.submit_job(entrypoint=f"python -m jobs {shlex.quote(json.dumps(spec))} {int(timeout_s)}",
-                            runtime_env={"env_vars": env})
-    deadline = time.monotonic() + timeout_s
-    job_id = None
-    while job_id is None:  # the driver prints the job id as soon as validator-core accepted it
-        ids = [ln.split("=", 1)[1].strip() for ln in client.get_job_logs(sub).splitlines()
-               if ln.startswith("RAYHORDE_JOB_ID=")]
-        if ids:
-            job_id = ids[0]
-        elif client.get_job_status(sub).is_terminal() or time.monotonic() > deadline:
-            raise click.ClickException(f"driver {sub} did not register a job; its output:\n"
-                                       f"{client.get_job_logs(sub)[-2000:]}")
-        else:
-            time.sleep(0.2)
-    return follow_job(state["validator_url"], cap, job_id, timeout_s=deadline - time.monotonic(), progress=progress)
+                                 verify=ca_bundle or True)
+    env = {VALIDATOR_URL_ENV: state["validator_url"], CAPABILITY_ENV: scope}
+    if ca_bundle:  # the driver verifies validator-core as this command does
+        env[CA_BUNDLE_ENV] = ca_bundle
+    driver = client.submit_job(entrypoint=f"python -m jobs {job_id} {int(timeout_s)}", runtime_env={"env_vars": env})
+
+    def driver_failed() -> str | None:
+        status = client.get_job_status(driver)
+        if status.is_terminal() and status.value != "SUCCEEDED":
+            return f"driver {driver} ended {status.value}; its output:\n{client.get_job_logs(driver)[-2000:]}"
+        return None
+
+    view = follow_job(state["validator_url"], cap, job_id, timeout_s=timeout_s, progress=progress,
+                      driver_failed=driver_failed)
+    if not view.status.terminal:
+        user.post(f"/v1/jobs/{job_id}/cancel", {})
+        raise click.ClickException(f"job {job_id} did not finish in {timeout_s:g} s; cancelled")
+    return view
 
 
-def follow_job(validator_url: str, cap: str, job_id: str, *, timeout_s: float, progress: bool) -> JobView:
-    """Long-poll the job until it is final; with ``progress``, keep one live status line."""
-    client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {cap}"})
+def follow_job(validator_url: str, cap: str, job_id: str, *, timeout_s: float, progress: bool,
+               driver_failed=None) -> JobView:
+    """Long-poll the job until it is final; with ``progress``, keep one live status line.
+    ``driver_failed()``, if given, names why the job's driver ended early (the job is then
+    cancelled: nothing would launch its task)."""
+    client = ServiceClient(validator_url, headers={"Authorization": f"Bearer {cap}"},
+                           verify=os.environ.get(CA_BUNDLE_ENV) or None)
     t0 = time.monotonic()
     while True:
+        why = driver_failed() if driver_failed is not None else None
+        if why:
+            client.post(f"/v1/jobs/{job_id}/cancel", {})
+            raise click.ClickException(f"job {job_id} cancelled: {why}")
         view = JobView.model_validate(client.get(f"/v1/jobs/{job_id}", params={"wait_s": 1}, timeout=35))
         if progress:
             last = view.history[-1] if view.history else None

@@ -25,6 +25,7 @@ Why (measured with Ray 2.60.0):
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
@@ -75,14 +76,26 @@ def ray_env(token: str, base_env: dict | None = None, *, node_ip: str = LOOPBACK
     return env
 
 
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4  # <linux/prctl.h>
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the forked child only calls into it
+
+
+def _drop_ambient_capabilities() -> None:
+    """In the child, before exec: a role given ambient capabilities (validator-core's
+    CAP_NET_ADMIN, for its firewall) must not pass them to Ray, whose processes run whatever a
+    cluster member sends (a task pinned to the head could otherwise rewrite the firewall)."""
+    _libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+
+
 def spawn(cmd: list[str], env: dict, log_path: str, cwd: str) -> subprocess.Popen:
     """Start ``cmd`` in a new session (its pgid is its pid: ``stop_process`` signals that group),
-    in ``cwd``, stdout and stderr appended to ``log_path``."""
+    in ``cwd``, stdout and stderr appended to ``log_path``, with no ambient capabilities."""
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     os.makedirs(cwd, exist_ok=True)
     with open(log_path, "ab", buffering=0) as log:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_drop_ambient_capabilities)
 
 
 def head_command(ports: HeadPorts, *, temp_dir: str, num_cpus: int, object_store_mb: int, num_gpus: int = 0,

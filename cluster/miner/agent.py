@@ -89,7 +89,11 @@ class AgentCore:
         return self.execute_bundle(bundle, ticket_id=ticket_id, attempt=attempt)
 
     def execute_bundle(self, bundle: dict[str, Any], *, ticket_id: str, attempt: int) -> JobStatus:
-        ticket, spec = self.verify(bundle, ticket_id=ticket_id, attempt=attempt)
+        try:
+            ticket, spec = self.verify(bundle, ticket_id=ticket_id, attempt=attempt)
+        except TicketRefused as exc:
+            self._decline(bundle, ticket_id, exc)
+            raise
         epoch = self.node_epoch
         self.running.add(ticket.ticket_id)
         try:
@@ -155,6 +159,33 @@ class AgentCore:
             raise TicketRefused("ticket_replayed", f"ticket {ticket_id} was already run by this miner; tickets are "
                                 "single use")
         return ticket, grant.spec
+
+    # ticket refusals that say the ticket itself is unusable, whoever poked: reported to validator-core.
+    # Not wrong_attempt or ticket_replayed: any task on this node can poke with those, and the ticket
+    # they name may be running here; answering them with a rejection would end a good attempt.
+    DECLINED = ("invalid_signature", "malformed", "wrong_miner", "ticket_expired")
+
+    def _decline(self, bundle: dict[str, Any], ticket_id: str, exc: TicketRefused) -> None:
+        """Tell validator-core that this miner refused the ticket, and why: the job ends ``rejected``
+        with that reason (the driver reads it from validator-core, never from the task's return value).
+        The job id and attempt are read from the bundle unverified: validator-core only accepts the
+        report for the current ticket of that job, addressed to this miner."""
+        if exc.reason not in self.DECLINED:
+            return
+        try:
+            claimed = SignedEnvelope.model_validate(bundle["ticket"]).payload
+            job_id, attempt = str(claimed["job_id"]), int(claimed["attempt"])
+        except (KeyError, TypeError, ValueError):
+            log.warning("ticket %s refused (%s); its bundle names no job to report it for", ticket_id, exc)
+            return
+        report = StatusReport(ticket_id=ticket_id, attempt=attempt, status=JobStatus.rejected, detail=exc.message,
+                              failure=Failure(kind=FailureKind.rejection, reason=exc.reason, stage="ticket",
+                                              message=exc.message))
+        try:
+            self._post("refusal", f"/v1/jobs/{job_id}/status",
+                       lambda: seal(self.hotkey, "job_status", report, clock=self.clock), patience_s=30)
+        except (Refused, ServiceUnavailable) as err:
+            log.warning("refusal of ticket %s not recorded: %s", ticket_id, err)
 
     # ---------------------------------------------------------------- running
     def _status(self, ticket: Ticket, status: JobStatus, detail: str = "") -> None:

@@ -156,7 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         except BaseException:
             ray_node.stop_process(proc)  # its group: a raylet or log monitor it started must not outlive it
             raise
-        validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node_id)))
+        for attempt in range(5):  # validator-core checks the node with Ray, which may lag a moment
+            try:
+                validator.post_signed("/v1/admission/node", seal(hotkey, "node_started", NodeStarted(node_id=node_id)))
+                break
+            except Refused as exc:
+                if exc.reason != "node_unknown" or attempt == 4:
+                    ray_node.stop_process(proc)
+                    raise
+                time.sleep(1)
         log.info("Ray node %s up (pid %s); serving tickets on %s", node_id, proc.pid, sock)
         return proc, node_id
 

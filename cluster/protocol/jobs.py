@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cluster.protocol.job_io import Upload, UploadResponse, Volume, check_volume_layout
 
+# What a Ray driver reads to reach validator-core (``jobs.submit``); the Jobs gateway sets them
+VALIDATOR_URL_ENV = "RAYHORDE_VALIDATOR_URL"
+CAPABILITY_ENV = "RAYHORDE_CAPABILITY"  # a driver's scope, never the user's capability
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 

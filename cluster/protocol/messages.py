@@ -6,6 +6,8 @@ Times are Unix ns (``*_ns``), durations seconds (``*_s``).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 from cluster.protocol.jobs import Failure, JobResult, JobSpec, JobStatus
@@ -74,10 +76,19 @@ class CapabilityRequest(BaseModel):  # kind "capability_request", signed by the 
 
 
 class Capability(BaseModel):  # kind "capability", signed by the validator
+    """What a user may start. ``scope`` narrows it for a Ray driver, whose token sits where every
+    cluster member can read it (a Ray job's runtime env): ``submission`` (minted by the Jobs
+    gateway for one ``ray job submit``) may start jobs on its parent's budget and see only those;
+    ``job`` (minted for ``rayhorde job run``) may only follow and cancel job ``job_id``. Neither
+    reaches streams, the user's other jobs, or the gateway."""
     capability_id: str
     user: str
     max_jobs: int
     expires_ns: int
+    scope: Literal["user", "submission", "job"] = "user"
+    parent_id: str | None = None  # the user capability a scope was minted from
+    submission_id: str | None = None  # scope "submission": the Ray job it was minted for
+    job_id: str | None = None  # scope "job": the one job it follows
 
 
 class Ticket(BaseModel):  # kind "ticket", signed by the validator
@@ -138,3 +149,9 @@ def miner_resource(hotkey: str) -> str:
 
 def executor_resource(executor_class: str) -> str:
     return f"executor:{executor_class}"
+
+
+def node_resources(hotkey: str, executor_classes: dict[str, int]) -> dict[str, float]:
+    """The custom resources an admitted miner's Ray node carries: its ``miner:`` marker and one
+    ``executor:`` unit per executor it offers (what the join answers, and what Ray must show)."""
+    return {miner_resource(hotkey): 1.0, **{executor_resource(c): float(n) for c, n in executor_classes.items()}}

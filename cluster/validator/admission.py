@@ -15,6 +15,12 @@
                   report is charged to the miner (``node_lost_but_alive``).
     heartbeat     liveness (see :mod:`.placement`); the answer names the tickets the miner
                   still runs that are no longer current, for its agent to kill.
+    expel         a ban (``banned_hotkeys``, or a banning incident: failed verification,
+                  impostor node, rogue workload) or a deregistration acts at once, not at the next
+                  join: the sweeper (:meth:`AdmissionDesk.enforce`, every ``sweep_interval_s``)
+                  retires its attempts, ends its streams, forgets its admission, closes the
+                  firewall to it and ends its Ray node; its heartbeats, reports and joins are
+                  refused with ``banned`` / ``not_registered``.
     preflight     ``rayhorde miner check``: is the hotkey registered and not banned, and can
                   validator-core open TCP connections to the miner's Ray and proxy ports. Only
                   to the address the request came from (validator-core is no port scanner for
@@ -30,24 +36,26 @@ import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import sqlalchemy as sa
 
-from cluster.chain import ChainBackend
+from cluster.chain import ChainBackend, Metagraph
 from cluster.errors import AdmissionRefused
 from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import SignedEnvelope
 from cluster.protocol.identity import Clock, Hotkey, is_ss58
 from cluster.protocol.messages import (
     Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted, Preflight,
-    PreflightAnswer, executor_resource, miner_resource,
+    PreflightAnswer, node_resources,
 )
 from cluster.protocol.version import local_versions
 from cluster.settings import ExecutorClass, ValidatorSettings
 from cluster.validator import store as db
 from cluster.validator.changes import Changes
 from cluster.validator.envelopes import EnvelopeOpener
-from cluster.validator.ledger import Ledger
+from cluster.validator.firewall import Firewall, NoFirewall
+from cluster.validator.ledger import BANNING, Ledger
 from cluster.validator.placement import ACTIVE_STREAM, Placement, admitted
 from cluster.validator.ray_state import RayState
 from cluster.validator.streams import StreamDesk
@@ -73,7 +81,7 @@ class AdmissionDesk:
     def __init__(self, settings: ValidatorSettings, *, hotkey: Hotkey, chain: ChainBackend, ray_token: str,
                  classes: dict[str, ExecutorClass], engine: sa.Engine, alloc: threading.Lock, opener: EnvelopeOpener,
                  changes: Changes, ledger: Ledger, placement: Placement, streams: StreamDesk, clock: Clock,
-                 ray: RayState | None = None) -> None:
+                 ray: RayState | None = None, firewall: Firewall | None = None) -> None:
         self.settings = settings
         self.hotkey = hotkey
         self.chain = chain
@@ -88,6 +96,8 @@ class AdmissionDesk:
         self.streams = streams
         self.clock = clock
         self.ray = ray  # Ray's own view of the nodes; None: no head to ask (unit tests), reports are taken as said
+        self.firewall = firewall or NoFirewall()
+        self.end_node: Callable[[str], None] | None = None  # ends a Ray node (the watchtower's); None: unit tests
         self._checks: dict[tuple[str, str], NodeLossCheck] = {}  # (miner, node id) -> its pending check
         self._checks_lock = threading.Lock()
 
@@ -101,7 +111,14 @@ class AdmissionDesk:
                                                        expires_ns=ch.expires_ns, used=False))
         return ch
 
-    def join(self, env: SignedEnvelope) -> JoinAccepted:
+    def sync_firewall(self) -> None:
+        """Let exactly the admitted miners' addresses reach the head's Ray ports (see :mod:`.firewall`)."""
+        with self.engine.connect() as conn:
+            addresses = set(conn.execute(sa.select(db.miners.c.peer_address).where(
+                db.miners.c.peer_address.is_not(None))).scalars())
+        self.firewall.sync(addresses)
+
+    def join(self, env: SignedEnvelope, peer_address: str | None = None) -> JoinAccepted:
         req = JoinRequest.model_validate(self.opener.open(env, "admission_join"))
         miner = env.signer
         if req.validator != self.hotkey.ss58:
@@ -109,7 +126,11 @@ class AdmissionDesk:
                                    f"{self.hotkey.ss58}", status_code=403)
         now = self.clock()
         self._take_challenge(req.challenge, miner, now)
-        self._check_eligible(miner)
+        self._check_eligible(miner)  # strict: no admission without reading the metagraph
+        with self.engine.connect() as conn:
+            why = self.refusal(conn, miner)
+        if why is not None:
+            raise why
         ours = local_versions()
         for name in MATCHED_VERSIONS:
             theirs = req.versions.get(name)
@@ -130,13 +151,13 @@ class AdmissionDesk:
             conn.execute(db.miners.delete().where(db.miners.c.hotkey == miner))
             conn.execute(db.miners.insert().values(hotkey=miner, admitted_ns=now, executor_classes=req.executor_classes,
                                                    proxy_url=req.proxy_url, versions=req.versions, node_id=None,
-                                                   last_heartbeat_ns=now, jobs_done=0))
+                                                   last_heartbeat_ns=now, jobs_done=0, peer_address=peer_address))
+        self.sync_firewall()  # before it answers: the miner's node connects to the head next
         if ended:
             self.streams.reconcile()
             self.changes.notify()
-        resources = {miner_resource(miner): 1.0}
-        resources.update({executor_resource(c): float(n) for c, n in req.executor_classes.items()})
-        return JoinAccepted(gcs_address=self.settings.gcs_address(), ray_token=self.ray_token, resources=resources,
+        return JoinAccepted(gcs_address=self.settings.gcs_address(), ray_token=self.ray_token,
+                            resources=node_resources(miner, req.executor_classes),
                             heartbeat_interval_s=self.settings.heartbeat_interval_s,
                             validator_hotkey=self.hotkey.ss58,
                             serve_http_port=self.settings.resolved_serve_http_port())
@@ -188,16 +209,87 @@ class AdmissionDesk:
         return PreflightAnswer(registered=registered, banned=banned, detail=detail, reachable=reachable,
                                connect_timeout_s=connect_timeout_s, validator_time_ns=self.clock())
 
-    def _check_eligible(self, miner: str) -> None:
-        mg = self.chain.metagraph(self.settings.netuid)
-        if mg.neuron(miner) is None:
+    def _metagraph(self) -> Metagraph | None:
+        try:
+            return self.chain.metagraph(self.settings.netuid)
+        except Exception as exc:  # a chain backend that is down or a file half written: ask again next time
+            log.warning("metagraph unreadable (%s); membership is not re-checked against it this time", exc)
+            return None
+
+    def _check_eligible(self, miner: str, mg: Metagraph | None = None, *, need_metagraph: bool = True) -> None:
+        if mg is None and need_metagraph:
+            mg = self.chain.metagraph(self.settings.netuid)
+        if mg is not None and mg.neuron(miner) is None:
             raise AdmissionRefused("not_registered", f"hotkey {miner} is not registered on subnet {mg.netuid} "
                                    f"(metagraph at block {mg.block}); register it, then join again", status_code=403)
         if miner in self.settings.banned_hotkeys:
             raise AdmissionRefused("banned", f"hotkey {miner} is banned by this validator", status_code=403)
 
+    def refusal(self, conn: sa.Connection, miner: str, mg: Metagraph | None = None) -> AdmissionRefused | None:
+        """Why ``miner`` may not serve this validator now, or None: deregistered, banned by the
+        operator (``banned_hotkeys``), or banned by a banning incident (a failed verification, an
+        impostor node, a rogue workload) within ``verification_ban_s``. A metagraph that cannot
+        be read expels nobody (never on missing data): the ban checks still apply."""
+        try:
+            self._check_eligible(miner, mg or self._metagraph(), need_metagraph=False)
+        except AdmissionRefused as exc:
+            return exc
+        now = self.clock()
+        if miner in self.ledger.banned(conn, now_ns=now, ban_s=self.settings.verification_ban_s):
+            why = conn.execute(sa.select(db.incidents.c.reason).where(
+                db.incidents.c.miner_hotkey == miner, db.incidents.c.reason.in_(BANNING))
+                .order_by(db.incidents.c.id.desc()).limit(1)).scalar_one()
+            return AdmissionRefused("banned", f"hotkey {miner} is banned by this validator for {why} (lasts "
+                                    f"{self.settings.verification_ban_s:g} s from the incident)", status_code=403)
+        return None
+
+    def expel(self, conn: sa.Connection, miner: sa.Row, why: AdmissionRefused) -> None:
+        """End a miner's membership at once: its attempts are retired and its streams ended (charged
+        when it is banned, a fabric incident when it merely left the metagraph), and it is no longer
+        admitted, so placement passes it by and its reports and heartbeats are refused. Its Ray node
+        is ended by :attr:`end_node` (the caller, after the transaction). Caller holds the
+        allocation lock."""
+        charged = why.reason == "banned"
+        for t in self._active_tickets(conn, miner.hotkey):
+            self.ledger.retire(conn, t, reason=f"miner_{why.reason}", charged=charged, evidence=why.message)
+        self.streams.miner_lost(conn, miner.hotkey, reason=f"miner_{why.reason}", charged=charged,
+                                evidence=why.message)
+        conn.execute(db.miners.delete().where(db.miners.c.hotkey == miner.hotkey))
+        self.placement.dispatch(conn)
+        log.warning("miner %s expelled (%s): %s", miner.hotkey, why.reason, why.message)
+
+    def _expel_now(self, rows: list[tuple[sa.Row, AdmissionRefused]]) -> None:
+        """After expelling: close the firewall to them, end their Ray nodes, re-apply Serve's
+        config, wake watchers."""
+        if rows:
+            self.sync_firewall()
+        for miner, _ in rows:
+            if miner.node_id and self.end_node is not None:
+                self.end_node(miner.node_id)
+        if rows:
+            self.streams.reconcile()
+            self.changes.notify()
+
+    def enforce(self) -> list[str]:
+        """Expel every admitted miner that may no longer serve (one metagraph read for all of
+        them); run by the sweeper, so a ban or a deregistration acts within a sweep interval.
+        Returns the hotkeys expelled."""
+        mg = self._metagraph()
+        expelled: list[tuple[sa.Row, AdmissionRefused]] = []
+        with self.alloc, self.engine.begin() as conn:
+            for miner in conn.execute(sa.select(db.miners)).all():
+                why = self.refusal(conn, miner.hotkey, mg)
+                if why is not None:
+                    self.expel(conn, miner, why)
+                    expelled.append((miner, why))
+        self._expel_now(expelled)
+        return [m.hotkey for m, _ in expelled]
+
     def node_started(self, env: SignedEnvelope) -> None:
         msg = NodeStarted.model_validate(self.opener.open(env, "node_started"))
+        with self.engine.connect() as conn:
+            miner = admitted(conn, env.signer)
+        self._check_node(env.signer, msg.node_id, miner.executor_classes)
         with self.alloc, self.engine.begin() as conn:
             admitted(conn, env.signer)
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer)
@@ -205,6 +297,27 @@ class AdmissionDesk:
             issued = self.placement.dispatch(conn)  # new capacity
         if issued:
             self.changes.notify()
+
+    def _check_node(self, miner: str, node_id: str, classes: dict[str, int]) -> None:
+        """A node a miner announces must be one Ray has: ALIVE, advertising this miner's
+        ``miner:<hotkey>`` and exactly the executors it was admitted with. Otherwise a made-up id
+        could later be "lost" as a fabric incident (Ray knows no such node), or a node could carry
+        another miner's resources. Ray that cannot be asked refuses nothing (no accusation on
+        missing data; the watchtower looks again)."""
+        if self.ray is None:
+            return
+        node = self.ray.node(node_id)
+        if node is None:
+            log.warning("node_started of %s: Ray could not be asked about node %s; taken as said", miner, node_id)
+            return
+        if node.state != "ALIVE":
+            raise AdmissionRefused("node_unknown", f"Ray has no ALIVE node {node_id} (it says {node.state}); start "
+                                   "the node, then report it", status_code=409)
+        want = node_resources(miner, classes)
+        have = {k: v for k, v in node.resources.items() if k.startswith(("miner:", "executor:"))}
+        if have != want:
+            raise AdmissionRefused("node_mismatch", f"node {node_id} advertises {have}; this miner was admitted with "
+                                   f"{want}: start the node with the resources the join answered", status_code=409)
 
     def node_lost(self, env: SignedEnvelope) -> None:
         """The agent says its Ray node died: its attempts and streams end now (the agent no longer
@@ -294,6 +407,12 @@ class AdmissionDesk:
         current (cancelled by their user, or retired and given to another miner): kill those."""
         beat = Heartbeat.model_validate(self.opener.open(env, "heartbeat"))
         with self.engine.begin() as conn:
+            if conn.execute(sa.select(db.miners.c.hotkey).where(db.miners.c.hotkey == env.signer)).first() is None:
+                # expelled by the sweeper (it checks bans and the metagraph each second, so the
+                # heartbeat path stays one row read): say why, not just "not admitted"
+                why = self.refusal(conn, env.signer)
+                if why is not None:
+                    raise why
             admitted(conn, env.signer)
             conn.execute(db.miners.update().where(db.miners.c.hotkey == env.signer)
                          .values(last_heartbeat_ns=self.clock()))

@@ -23,6 +23,9 @@ from cluster.protocol.jobs import JobSpec
 from cluster.protocol.streams import StreamSpec
 
 
+DRIVER_SCOPES = ("user", "submission", "job")  # the jobs endpoints also take a driver's scope
+
+
 def _signed(body: Any) -> SignedEnvelope:
     try:
         return SignedEnvelope.model_validate(body)
@@ -84,8 +87,9 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray
         return core.admission.challenge(req).model_dump()
 
     @app.post("/v1/admission/join")
-    def join(body: dict[str, Any]) -> dict[str, Any]:
-        return core.admission.join(_signed(body)).model_dump()
+    def join(body: dict[str, Any], request: Request) -> dict[str, Any]:
+        peer = request.client.host if request.client else None  # what the firewall admits
+        return core.admission.join(_signed(body), peer).model_dump()
 
     @app.post("/v1/admission/node")
     def node(body: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray
     @app.post("/v1/jobs/watch")
     def watch(body: dict[str, Any], authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
         """Body ``{"known": {job_id: ticket_id | null}, "wait_s": s}``: long-poll several jobs at once."""
-        cap = core.capabilities.check(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization), scopes=DRIVER_SCOPES)
         known = body.get("known")
         if not isinstance(known, dict):
             raise Refused("malformed", "body must be {\"known\": {job_id: ticket_id or null}, \"wait_s\": seconds}",
@@ -166,7 +170,7 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray
 
     @app.post("/v1/jobs")
     def submit(spec: dict[str, Any], authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        cap = core.capabilities.check(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization), scopes=DRIVER_SCOPES)
         try:
             parsed = JobSpec.model_validate(spec)
         except ValidationError as exc:
@@ -175,19 +179,26 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray
 
     @app.get("/v1/jobs")
     def list_jobs(authorization: str | None = Header(default=None)) -> list[dict[str, Any]]:
-        cap = core.capabilities.check(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization), scopes=DRIVER_SCOPES)
         return [v.model_dump(mode="json") for v in core.organic.list(cap)]
 
     @app.get("/v1/jobs/{job_id}")
     def get_job(job_id: str, wait_s: float = 0, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         """``wait_s``: long-poll up to that many seconds (max 30) for a final status."""
-        cap = core.capabilities.check(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization), scopes=DRIVER_SCOPES)
         return core.organic.get(cap, job_id, wait_s=wait_s).model_dump(mode="json")
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        cap = core.capabilities.check(_bearer(authorization))
+        cap = core.capabilities.check(_bearer(authorization), scopes=DRIVER_SCOPES)
         return core.organic.cancel(cap, job_id).model_dump(mode="json")
+
+    @app.post("/v1/jobs/{job_id}/scope")
+    def job_scope(job_id: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        """A token that follows (and may cancel) this one job: what ``rayhorde job run`` hands its
+        driver instead of the capability (a driver's token is readable by every cluster member)."""
+        cap = core.capabilities.check(_bearer(authorization))
+        return {"scope": core.capabilities.scope(cap, job_id=job_id)}
 
     @app.post("/v1/tickets/current")
     def ticket_current(body: dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +220,9 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray
 
     if jobs_dashboard_url:  # stock `ray job submit` from other hosts (the dashboard binds 127.0.0.1)
         mount_jobs_door(app, jobs_dashboard_url, ray_token=ray_token, authorize=core.capabilities.check,
-                        owners=SubmissionOwners(core.engine, core.clock))
+                        owners=SubmissionOwners(core.engine, core.clock),
+                        scope=lambda cap, sid: core.capabilities.scope(cap, submission_id=sid),
+                        validator_url=core.settings.url)
     return app
 
 

@@ -6,6 +6,14 @@ expires_ns}`` sealed by this validator, sent back as ``Authorization: Bearer`` w
 request. Checking it needs no database (the signature and the expiry); the budget does: each
 job started (organic or streaming) spends one of ``max_jobs`` in the row kept here, in the same
 transaction that creates the job.
+
+Scopes: a Ray driver holds its token where every cluster member can read it (the job table,
+runtime envs), so it never holds the user's capability but a scope minted from it (see
+:class:`~cluster.protocol.messages.Capability`): one ``ray job submit``'s (the Jobs gateway swaps
+the capability for it) or one job's (``rayhorde job run``). A scope is a capability row of its
+own whose ``parent_id`` names the user's: starting a job spends both budgets. What a stolen scope
+allows: start jobs on its parent's budget until it expires (submission), follow or cancel one
+job (job); never read the user's other jobs, start streams, or use the gateway.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import uuid
 
 import sqlalchemy as sa
 
-from cluster.errors import CapabilityRefused, SignatureRejected
+from cluster.errors import CapabilityRefused, Refused, SignatureRejected
 from cluster.protocol.canonical import NS
 from cluster.protocol.envelope import SignedEnvelope, open_envelope, seal
 from cluster.protocol.identity import Clock, Hotkey
@@ -53,8 +61,30 @@ class CapabilityDesk:
                                                          jobs_used=0))
         return seal(self.hotkey, "capability", cap, clock=self.clock).to_token()
 
-    def check(self, token: str | None) -> Capability:
-        """The capability a request carries, if this validator signed it and it has not expired."""
+    def scope(self, cap: Capability, *, submission_id: str | None = None, job_id: str | None = None) -> str:
+        """A driver's scope minted from the user capability ``cap``: for one Ray submission, or to
+        follow one job of this user."""
+        if cap.scope != "user":
+            raise CapabilityRefused("scope_denied", "a driver's scope cannot mint scopes; use the user's capability",
+                                    status_code=403)
+        if (submission_id is None) == (job_id is None):
+            raise ValueError("a scope is for one submission or one job")
+        scoped = Capability(capability_id=uuid.uuid4().hex, user=cap.user, max_jobs=0 if job_id else cap.max_jobs,
+                            expires_ns=cap.expires_ns, scope="job" if job_id else "submission",
+                            parent_id=cap.capability_id, submission_id=submission_id, job_id=job_id)
+        with self.engine.begin() as conn:
+            if job_id is not None:
+                job = conn.execute(sa.select(db.jobs.c.user_hotkey).where(db.jobs.c.id == job_id)).first()
+                if job is None or job.user_hotkey != cap.user:
+                    raise Refused("not_found", f"no job {job_id} for user {cap.user}", status_code=404)
+            conn.execute(db.capabilities.insert().values(id=scoped.capability_id, user_hotkey=cap.user,
+                                                         max_jobs=scoped.max_jobs, expires_ns=scoped.expires_ns,
+                                                         jobs_used=0, parent_id=cap.capability_id))
+        return seal(self.hotkey, "capability", scoped, clock=self.clock).to_token()
+
+    def check(self, token: str | None, *, scopes: tuple[str, ...] = ("user",)) -> Capability:
+        """The capability a request carries, if this validator signed it, it has not expired, and
+        its scope is one of ``scopes`` (a driver's scope reaches only the jobs endpoints)."""
         if not token:
             raise CapabilityRefused("no_capability", "send a capability as `Authorization: Bearer <capability>`; "
                                     "get one with `rayhorde capability`", status_code=401)
@@ -69,21 +99,42 @@ class CapabilityDesk:
         if now > cap.expires_ns:
             raise CapabilityRefused("capability_expired", f"capability expired {(now - cap.expires_ns) / NS:.0f} s "
                                     "ago; request a new one", status_code=401)
+        if cap.scope not in scopes:
+            raise CapabilityRefused("scope_denied", f"this token is a driver's scope ({cap.scope} "
+                                    f"{cap.submission_id or cap.job_id}): it reaches only /v1/jobs; this needs the "
+                                    "user's capability", status_code=403)
         return cap
 
     def budget(self, conn: sa.Connection, cap: Capability) -> sa.Row:
         """The capability's row, if it may still start a job (organic or streaming); the caller
-        spends it with :meth:`spend` in the same transaction, once the job is sure to exist."""
+        spends it with :meth:`spend` in the same transaction, once the job is sure to exist. A
+        scope's parent must have budget left too."""
+        if cap.scope == "job":
+            raise CapabilityRefused("scope_denied", f"this token follows job {cap.job_id} only; it cannot start jobs",
+                                    status_code=403)
         row = conn.execute(sa.select(db.capabilities).where(db.capabilities.c.id == cap.capability_id)).first()
         if row is None:
             raise CapabilityRefused("invalid_capability", "capability unknown to this validator", status_code=401)
-        if row.jobs_used >= row.max_jobs:
-            raise CapabilityRefused("over_budget", f"capability allows {row.max_jobs} jobs and all are used; "
-                                    "request a new capability", status_code=403)
+        parent = row if row.parent_id is None else conn.execute(
+            sa.select(db.capabilities).where(db.capabilities.c.id == row.parent_id)).one()
+        for r in {row.id: row, parent.id: parent}.values():
+            if r.jobs_used >= r.max_jobs:
+                raise CapabilityRefused("over_budget", f"capability allows {r.max_jobs} jobs and all are used; "
+                                        "request a new capability", status_code=403)
         return row
 
     @staticmethod
     def spend(conn: sa.Connection, row: sa.Row) -> None:
-        """Count one more job against the capability ``row`` (from :meth:`budget`)."""
-        conn.execute(db.capabilities.update().where(db.capabilities.c.id == row.id)
-                     .values(jobs_used=row.jobs_used + 1))
+        """Count one more job against the capability ``row`` (from :meth:`budget`) and its parent."""
+        ids = [row.id] if row.parent_id is None else [row.id, row.parent_id]
+        conn.execute(db.capabilities.update().where(db.capabilities.c.id.in_(ids))
+                     .values(jobs_used=db.capabilities.c.jobs_used + 1))
+
+
+def sees(cap: Capability) -> sa.ColumnElement[bool]:
+    """Which jobs ``cap`` may read, follow and cancel: its user's, its submission's, or its one job."""
+    if cap.scope == "job":
+        return db.jobs.c.id == cap.job_id
+    if cap.scope == "submission":
+        return db.jobs.c.capability_id == cap.capability_id
+    return db.jobs.c.user_hotkey == cap.user

@@ -5,14 +5,17 @@ change notifier, the envelope opener, the chain) and hands each desk the narrow 
 needs; desks never import this module. Who depends on whom (each only on those below it;
 ``a | b``: never on each other):
 
-    admission | organic      miners joining and reporting; users' organic jobs
+    admission | organic | watchtower
+                             miners joining and reporting; users' organic jobs; ending what
+                             nobody entitled started on the public cluster
     probes | verification    validator-core's own requests; collecting and verifying answers
     streams                  streaming jobs on Ray Serve
     scoring                  scores and weights per cycle
     capabilities | placement users' budgets; which miner gets work, the queue
     ledger                   job history and incidents
-    changes | envelopes | serve_rest | ray_state   long polls; opening signed envelopes; Serve's
-                             REST API; Ray's State API (nodes as Ray sees them)
+    changes | envelopes | serve_rest | ray_state | firewall   long polls; opening signed
+                             envelopes; Serve's REST API; Ray's State API (nodes as Ray sees
+                             them); the admitted-only firewall (nftables beside the desks)
     store                    the schema and its migrations
 
 Every public method of a desk takes already-parsed input, opens the envelope once (the
@@ -40,6 +43,8 @@ from cluster.validator.admission import AdmissionDesk
 from cluster.validator.capabilities import CapabilityDesk
 from cluster.validator.changes import Changes
 from cluster.validator.envelopes import EnvelopeOpener
+from cluster.validator.firewall import Firewall, NoFirewall, protected_ports
+from cluster.validator.nftables import NftablesFirewall
 from cluster.validator.ledger import Ledger
 from cluster.validator.organic import OrganicDesk
 from cluster.validator.placement import Placement
@@ -49,6 +54,7 @@ from cluster.validator.scoring import ScoringDesk
 from cluster.validator.serve_rest import ServeRest
 from cluster.validator.streams import StreamDesk
 from cluster.validator.verification import BatchRunner, VerificationDesk, cluster_runner
+from cluster.validator.watchtower import Watchtower, build_watchtower
 
 log = logging.getLogger("rayhorde.validator")
 
@@ -88,10 +94,16 @@ class ValidatorCore:
         self.admission = AdmissionDesk(settings, hotkey=hotkey, chain=chain, ray_token=ray_token, classes=classes,
                                        engine=engine, alloc=alloc, opener=opener, changes=changes, ledger=ledger,
                                        placement=placement, streams=self.streams, clock=clock,
-                                       ray=self._ray_state(settings, ray_token))
+                                       ray=self._ray_state(settings, ray_token), firewall=self._firewall(settings))
         self.organic = OrganicDesk(settings, hotkey=hotkey, classes=classes, image_policy=image_policy, engine=engine,
                                    alloc=alloc, opener=opener, changes=changes, ledger=ledger, placement=placement,
                                    capabilities=capabilities, clock=clock)
+        self.watchtower: Watchtower | None = None if not settings.deploy_streams else build_watchtower(
+            settings, ray_token, engine=engine, alloc=alloc, changes=changes, ledger=ledger, placement=placement,
+            streams=self.streams, clock=clock,
+            under_review=lambda: {c.node_id for c in self.admission.pending_node_losses()})
+        if self.watchtower is not None:
+            self.admission.end_node = self.watchtower.control.end_node  # an expelled miner's node ends too
 
     @staticmethod
     def _serve(settings: ValidatorSettings, ray_token: str) -> ServeRest | None:
@@ -99,6 +111,12 @@ class ValidatorCore:
             return None  # no Ray head to deploy to (unit tests)
         return ServeRest(settings.dashboard_url(), ray_token, http_port=settings.resolved_serve_http_port(),
                          request_timeout_s=settings.serve_request_timeout_s)
+
+    @staticmethod
+    def _firewall(settings: ValidatorSettings) -> Firewall:
+        if settings.firewall == "nftables":
+            return NftablesFirewall(protected_ports(settings), table=settings.firewall_table)
+        return NoFirewall()
 
     @staticmethod
     def _ray_state(settings: ValidatorSettings, ray_token: str) -> RayState | None:
@@ -118,15 +136,19 @@ class ValidatorCore:
 
     # ------------------------------------------------------------------ periodic
     def sweep(self) -> None:
-        """Retire lost attempts, serve the queue, end streams, close the scoring cycle, check
-        node_lost reports against Ray (last: it may wait on the dashboard)."""
+        """Expel miners that may no longer serve, retire lost attempts, serve the queue, end
+        streams, close the scoring cycle, check node_lost reports against Ray (last: it may wait
+        on the dashboard)."""
+        self.admission.enforce()  # first: a banned or deregistered miner gets nothing more
         self.organic.sweep()
         self.streams.sweep()
         self.scoring.tick()
         self.admission.sweep()
 
     def start(self) -> list[threading.Thread]:
-        """Start the background loops: the sweeper, verification and probes (until :meth:`stop`)."""
+        """Apply the firewall; start the background loops: the sweeper, verification and probes
+        (until :meth:`stop`)."""
+        self.admission.sync_firewall()  # the admitted miners of before a restart, and nobody else
         def sweeper() -> None:
             while not self._stop.wait(self.settings.sweep_interval_s):
                 try:
@@ -136,6 +158,8 @@ class ValidatorCore:
         thread = threading.Thread(target=sweeper, name="sweeper", daemon=True)
         thread.start()
         threads = [thread, self.verification.start(self._stop)]
+        if self.watchtower is not None and self.settings.watch_interval_s > 0:
+            threads.append(self.watchtower.start(self._stop))  # its own thread: never slows the sweeper
         probes = self.probes.start(self._stop)
         return threads if probes is None else [*threads, probes]
 

@@ -14,7 +14,12 @@ validator-core forwards exactly the Jobs API to it, over its own (TLS) door:
 
 Users never hold the Ray token: every request carries a capability of this validator as
 ``Authorization: Bearer <capability>`` (``RAY_AUTH_TOKEN=<capability>`` with Ray's SDK and CLI),
-and the gateway sends the real token to the dashboard. A submission belongs to the capability's
+and the gateway sends the real token to the dashboard. Nor does the capability reach Ray: a
+submission's runtime env is in the job table every member reads, so the gateway gives the driver
+a scope for this one submission instead (``RAYHORDE_CAPABILITY``, and ``RAYHORDE_VALIDATOR_URL``
+if unset: a plain ``ray job submit -- python hello.py`` needs no runtime env), swaps it for any
+env value equal to the capability, and refuses a submission that has the capability anywhere else
+(entrypoint, metadata). A submission belongs to the capability's
 user (recorded before Ray sees it, in validator-core's database); another user's id answers 404,
 as if it did not exist. Anything else under ``/api``, and any path with dot segments or escapes,
 is refused without reaching Ray.
@@ -38,6 +43,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from cluster.errors import Refused
 from cluster.protocol.http import error_body
+from cluster.protocol.jobs import CAPABILITY_ENV, VALIDATOR_URL_ENV
 from cluster.protocol.messages import Capability
 from cluster.validator import store as db
 
@@ -84,15 +90,19 @@ class SubmissionOwners:
 
 def mount_jobs_door(app: FastAPI, dashboard_url: str, *, ray_token: str,
                     authorize: Callable[[str | None], Capability], owners: SubmissionOwners,
+                    scope: Callable[[Capability, str], str], validator_url: str | None = None,
                     timeout_s: float = 120) -> None:
     """Serve the Jobs API of the dashboard at ``dashboard_url`` under ``/api`` on ``app``;
-    ``authorize`` turns a bearer token into a capability or raises a refusal."""
+    ``authorize`` turns a bearer token into a capability or raises a refusal; ``scope(cap,
+    submission_id)`` mints the token the submission's driver gets instead of the capability."""
     base = dashboard_url.rstrip("/")
     http = httpx.AsyncClient(base_url=base, timeout=timeout_s, headers={"Authorization": f"Bearer {ray_token}"})
 
+    def _token(authorization: str | None) -> str | None:
+        return authorization[len("Bearer "):].strip() if authorization and authorization.startswith("Bearer ") else None
+
     def _cap(authorization: str | None) -> Capability:
-        token = authorization[len("Bearer "):].strip() if authorization and authorization.startswith("Bearer ") else None
-        return authorize(token)
+        return authorize(_token(authorization))
 
     def _not_yours(submission_id: str) -> JSONResponse:
         return JSONResponse(error_body("unknown_submission", f"no submission {submission_id} for this capability's "
@@ -151,10 +161,26 @@ def mount_jobs_door(app: FastAPI, dashboard_url: str, *, ray_token: str,
         sid = body.get("submission_id") or f"raysubmit_{secrets.token_hex(8)}"
         if not isinstance(sid, str) or not _ONE_JOB.match(f"jobs/{sid}"):
             return JSONResponse(error_body("malformed", "submission_id: letters, digits, _ and - only"), status_code=422)
+        runtime_env = body.get("runtime_env") or {}
+        env_vars = runtime_env.get("env_vars") or {} if isinstance(runtime_env, dict) else None
+        if not isinstance(env_vars, dict) or not all(isinstance(v, str) for v in env_vars.values()):
+            return JSONResponse(error_body("malformed", "runtime_env must be an object and its env_vars an object "
+                                           "of strings"), status_code=422)
+        token = _token(request.headers.get("authorization")) or ""
+        kept = {k: v for k, v in env_vars.items() if v != token}
+        if token and token in json.dumps({**body, "runtime_env": {**runtime_env, "env_vars": kept}}):
+            return JSONResponse(error_body("capability_exposed", "the capability appears in this submission outside "
+                                           f"runtime_env env_vars; every cluster member reads it there. Drop it: the "
+                                           f"driver gets a scope of its own as ${CAPABILITY_ENV}"), status_code=422)
         if not owners.claim(sid, cap):  # recorded before Ray sees it: no window in which it is nobody's
             return JSONResponse(error_body("submission_exists", f"submission {sid} exists; pick another id"),
                                 status_code=409)
-        body["submission_id"] = sid
+        scoped = scope(cap, sid)
+        env_vars = {k: scoped if v == token else v for k, v in env_vars.items()}
+        env_vars.setdefault(CAPABILITY_ENV, scoped)
+        if validator_url:
+            env_vars.setdefault(VALIDATOR_URL_ENV, validator_url)
+        body.update(submission_id=sid, runtime_env={**runtime_env, "env_vars": env_vars})
         resp = await _send("POST", path, request, json.dumps(body).encode())
         if isinstance(resp, JSONResponse) or resp.status_code >= 400:
             owners.release(sid)  # Ray did not take it

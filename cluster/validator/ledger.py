@@ -33,6 +33,9 @@ CHARGED = "miner"  # incidents.kind of an incident charged to the miner
 FABRIC = "fabric"  # incidents.kind of a fabric incident, not charged
 VERIFICATION_FAILED = "verification_failed"  # incidents.reason of a failed verification
 UNREACHABLE = "miner_unreachable"  # incidents.reason of work lost because its miner stopped heartbeating
+IMPOSTOR = "impostor"  # ... of a Ray node whose resources differ from what its miner was admitted with
+ROGUE_WORKLOAD = "rogue_workload"  # ... of a driver, job, actor or task nobody entitled started
+BANNING = (VERIFICATION_FAILED, IMPOSTOR, ROGUE_WORKLOAD)  # charged incidents that also ban the miner
 
 
 def blame(charged: bool) -> str:
@@ -97,9 +100,10 @@ class Ledger:
         return seen >= free
 
     def banned(self, conn: sa.Connection, *, now_ns: int, ban_s: float) -> set[str]:
-        """Miners with a failed verification in the last ``ban_s``: no new work for them."""
+        """Miners with a banning incident (a failed verification, an impostor node, a rogue
+        workload) in the last ``ban_s``: no new work for them."""
         return set(conn.execute(sa.select(db.incidents.c.miner_hotkey).where(
-            db.incidents.c.reason == VERIFICATION_FAILED,
+            db.incidents.c.reason.in_(BANNING),
             db.incidents.c.t_ns >= now_ns - int(ban_s * NS))).scalars())
 
     def recent(self, conn: sa.Connection, limit: int = 50) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ from cluster.protocol.jobs import (
 from cluster.protocol.messages import Capability, SpecGrant, StatusReport, TicketFetch
 from cluster.settings import ExecutorClass, ValidatorSettings
 from cluster.validator import store as db
-from cluster.validator.capabilities import CapabilityDesk
+from cluster.validator.capabilities import CapabilityDesk, sees
 from cluster.validator.changes import Changes
 from cluster.validator.envelopes import EnvelopeOpener
 from cluster.validator.ledger import UNREACHABLE, Ledger
@@ -102,8 +102,8 @@ class OrganicDesk:
         """Cancel a job of this user: it ends ``cancelled`` now; a running container is killed by
         its agent at the next heartbeat (the answer names the ticket), and its result is refused."""
         with self.alloc, self.engine.begin() as conn:
-            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id)).first()
-            if job is None or job.user_hotkey != cap.user:
+            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id, sees(cap))).first()
+            if job is None:
                 raise Refused("not_found", f"no job {job_id} for user {cap.user}", status_code=404)
             if JobStatus(job.status).terminal:
                 raise Refused("already_finished", f"job {job_id} is already {job.status}", status_code=409)
@@ -135,7 +135,7 @@ class OrganicDesk:
                     sa.select(db.jobs.c.id, db.jobs.c.status, t.c.id.label("ticket_id"), t.c.attempt,
                               t.c.miner_hotkey, t.c.executor_class)
                     .select_from(db.jobs.outerjoin(t, t.c.id == db.jobs.c.current_ticket))
-                    .where(db.jobs.c.id.in_(ids), db.jobs.c.user_hotkey == cap.user)).all()
+                    .where(db.jobs.c.id.in_(ids), sees(cap))).all()
             return [JobState(job_id=r.id, status=JobStatus(r.status), ticket=None
                              if JobStatus(r.status).terminal or r.ticket_id is None else
                              ticket_ref(r.ticket_id, r.attempt, r.miner_hotkey, r.executor_class)) for r in rows]
@@ -148,14 +148,14 @@ class OrganicDesk:
 
     def list(self, cap: Capability, limit: int = 100) -> list[JobView]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(db.jobs).where(db.jobs.c.user_hotkey == cap.user)
+            rows = conn.execute(sa.select(db.jobs).where(sees(cap))
                                 .order_by(db.jobs.c.created_ns.desc()).limit(limit)).all()
             return [self._view(conn, r, []) for r in rows]
 
     def _get(self, cap: Capability, job_id: str) -> JobView:
         with self.engine.connect() as conn:
-            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id)).first()
-            if job is None or job.user_hotkey != cap.user:  # another user's job does not exist for you
+            job = conn.execute(sa.select(db.jobs).where(db.jobs.c.id == job_id, sees(cap))).first()
+            if job is None:  # another user's job (or one outside a driver's scope) does not exist for you
                 raise Refused("not_found", f"no job {job_id} for user {cap.user}", status_code=404)
             events = conn.execute(sa.select(db.job_events).where(db.job_events.c.job_id == job_id)
                                   .order_by(db.job_events.c.id)).all()

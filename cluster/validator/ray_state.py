@@ -32,6 +32,13 @@ class _Node(BaseModel):
     model_config = ConfigDict(extra="ignore")
     node_id: str
     state: Literal["ALIVE", "DEAD"]
+    resources_total: dict[str, float] = {}
+
+
+class NodeView(BaseModel):
+    """One node as the head's GCS sees it."""
+    state: NodeState
+    resources: dict[str, float] = {}  # what the node advertises (``miner:<hotkey>``, ``executor:<class>``...)
 
 
 class _Listing(BaseModel):
@@ -61,9 +68,15 @@ class RayState:
     def node_state(self, node_id: str) -> NodeState | None:
         """What the head's GCS says of node ``node_id`` now; None if it could not be asked or its
         answer was not the State API's (down, timed out, refused, malformed)."""
+        view = self.node(node_id)
+        return None if view is None else view.state
+
+    def node(self, node_id: str) -> NodeView | None:
+        """Node ``node_id`` as the head's GCS sees it now (its state and advertised resources);
+        None if Ray could not be asked."""
         node_id = node_id.lower()
         if not NODE_ID.fullmatch(node_id):
-            return "UNKNOWN"  # no Ray node has such an id (and it must not reach the query string)
+            return NodeView(state="UNKNOWN")  # no Ray node has such an id (and it must not reach the query string)
         params = {"filter_keys": "node_id", "filter_predicates": "=", "filter_values": node_id,
                   "detail": "true", "limit": "10", "timeout": "5"}
         try:
@@ -80,15 +93,15 @@ class RayState:
             log.warning("Ray State API %s answered something else than a node list: %s", self.url,
                         str(exc).splitlines()[0])
             return None
-        states = {n.state for n in listing.result if n.node_id.lower() == node_id}
-        if len(states) > 1:
+        nodes = [n for n in listing.result if n.node_id.lower() == node_id]
+        if len({n.state for n in nodes}) > 1:
             log.warning("Ray State API %s lists node %s both ALIVE and DEAD", self.url, node_id)
             return None
-        if states:
-            return states.pop()
+        if nodes:
+            return NodeView(state=nodes[0].state, resources=nodes[0].resources_total)
         if listing.num_filtered > len(listing.result):  # the list was cut: absence proves nothing
             return None
-        return "UNKNOWN"
+        return NodeView(state="UNKNOWN")
 
     def node_alive(self, node_id: str) -> bool | None:
         """True if Ray reports the node ALIVE, False if DEAD or unknown to it, None if Ray could

@@ -88,6 +88,7 @@ miners = sa.Table(
     sa.Column("node_id", String, nullable=True),
     sa.Column("last_heartbeat_ns", sa.BigInteger, nullable=True),
     sa.Column("jobs_done", sa.Integer, nullable=False, default=0),
+    sa.Column("peer_address", String, nullable=True),  # the address it joined from: the firewall admits it
 )
 seen_nonces = sa.Table(
     "seen_nonces", metadata,
@@ -102,6 +103,7 @@ capabilities = sa.Table(
     sa.Column("max_jobs", sa.Integer, nullable=False),
     sa.Column("expires_ns", sa.BigInteger, nullable=False),
     sa.Column("jobs_used", sa.Integer, nullable=False, default=0),
+    sa.Column("parent_id", String, nullable=True),  # a driver's scope: the user capability it spends
 )
 jobs = sa.Table(
     "jobs", metadata,
@@ -280,6 +282,16 @@ def _scores_and_probes(conn: sa.Connection) -> None:
     probes.create(conn, checkfirst=True)
 
 
+def _capability_scopes(conn: sa.Connection) -> None:
+    if "parent_id" not in {c["name"] for c in sa.inspect(conn).get_columns("capabilities")}:
+        conn.execute(sa.text("ALTER TABLE capabilities ADD COLUMN parent_id VARCHAR"))
+
+
+def _miner_addresses(conn: sa.Connection) -> None:
+    if "peer_address" not in {c["name"] for c in sa.inspect(conn).get_columns("miners")}:
+        conn.execute(sa.text("ALTER TABLE miners ADD COLUMN peer_address VARCHAR"))
+
+
 def _with_current_paths(app: dict[str, Any]) -> dict[str, Any]:
     """A stream's Serve application entry with the module paths it names made current."""
     out = dict(app)
@@ -305,6 +317,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "stored module paths follow the modules that moved (cluster.protocol.moved)", _current_module_paths),
     Migration(6, "the Jobs gateway's submissions and their users",
               lambda conn: gateway_submissions.create(conn, checkfirst=True)),
+    Migration(7, "drivers' scopes: capabilities minted from a user's, spending its budget", _capability_scopes),
+    Migration(8, "the address each miner joined from (the admitted-only firewall)", _miner_addresses),
 )
 LATEST = MIGRATIONS[-1].version
 _PG_LOCK_KEY = 0x7261_7968  # "rayh": one advisory lock id for rayhorde's schema migrations

@@ -5,7 +5,7 @@ with validator-core, which answers with a ticket for a miner, or queues the job.
 thread per driver long-polls validator-core for all of the driver's open jobs and launches the
 organic task for every ticket it sees: the first one, a queued job's ticket when an executor
 frees, or attempt n+1 after a miner was lost. ``result()`` reads the signed result back from
-validator-core. The driver never needs a value a miner produced.
+validator-core. The driver never reads a value a miner produced (see :meth:`JobHandle._check_task`).
 """
 
 from __future__ import annotations
@@ -21,20 +21,17 @@ import ray
 from pydantic import ValidationError
 
 from cluster.protocol.http import CA_BUNDLE_ENV, ServiceClient
-from cluster.errors import InvalidSpec, JobNotFinished, ServiceUnavailable, TicketRefused, UsageError
-from cluster.protocol.jobs import JobSpec, JobState, JobView, Submitted, TicketRef
+from cluster.errors import InvalidSpec, JobNotFinished, ServiceUnavailable, UsageError
+from cluster.protocol.jobs import (
+    CAPABILITY_ENV, VALIDATOR_URL_ENV, JobSpec, JobState, JobView, Submitted, TicketRef,
+)
 from jobs._private.task import organic_task
 
 log = logging.getLogger("rayhorde.jobs")
-VALIDATOR_URL_ENV = "RAYHORDE_VALIDATOR_URL"
-CAPABILITY_ENV = "RAYHORDE_CAPABILITY"
 # Job-level runtime_env variables are inherited by every task of the job; blank ours in the
 # organic task so the capability and validator address never reach a miner's node.
 _SCRUB = {VALIDATOR_URL_ENV: "", CAPABILITY_ENV: ""}
 _remote_task = None
-# What AgentCore.verify refuses a ticket for: validator-core never hears of those from the agent.
-_AGENT_REFUSALS = ("invalid_signature", "malformed", "wrong_miner", "wrong_attempt", "ticket_expired",
-                   "ticket_replayed")
 
 
 class JobHandle:
@@ -46,7 +43,6 @@ class JobHandle:
         self.queue_reason = ""  # why the job waited at submission ("" = it got a ticket at once)
         self._task_ref: Any = None
         self._done = threading.Event()
-        self._refusal: dict[str, Any] | None = None
 
     # the attempt currently running (None while queued)
     @property
@@ -71,8 +67,6 @@ class JobHandle:
         if not self._done.wait(timeout_s):
             raise JobNotFinished(f"job {self.job_id} is not finished after {timeout_s:g} s "
                                  f"({'attempt ' + str(self.attempt) if self.ticket else 'queued: ' + self.queue_reason})")
-        if self._refusal is not None:
-            raise TicketRefused(str(self._refusal.get("reason")), f"job {self.job_id}: {self._refusal.get('message')}")
         deadline = time.monotonic() + 60
         while True:  # validator-core may be restarting: keep asking for a while
             try:
@@ -92,17 +86,11 @@ class JobHandle:
             self._task_ref = launch(state.ticket)
 
     def _check_task(self) -> None:
-        """An agent that refuses a ticket never reports to validator-core: surface its refusal."""
-        if self._task_ref is None:
-            return
-        ready, _ = ray.wait([self._task_ref], timeout=0)
-        if not ready:
-            return
-        ref, self._task_ref = self._task_ref, None
-        answer = _task_answer(ref)
-        if not answer.get("ok") and answer.get("reason") in _AGENT_REFUSALS:
-            self._refusal = answer  # anything else (a lost task, a closed ticket) is validator-core's to settle
-            self._done.set()
+        """Forget the task once Ray says it ended. Its return value is never read: the task ran on a
+        miner's node, and reading a value means unpickling bytes a miner chose (code, if it wants).
+        What became of the attempt, a refused ticket included, is validator-core's to say."""
+        if self._task_ref is not None and ray.wait([self._task_ref], timeout=0, fetch_local=False)[0]:
+            self._task_ref = None
 
 
 class _Follower:
@@ -154,14 +142,6 @@ class _Follower:
                 self.handles = {j: h for j, h in self.handles.items() if not h._done.is_set()}
 
 
-def _task_answer(ref: Any) -> dict[str, Any]:
-    try:
-        answer = ray.get(ref, timeout=5)
-        return answer if isinstance(answer, dict) else {"ok": False, "message": repr(answer)}
-    except Exception as exc:  # the task died (node lost, worker crashed)
-        return {"ok": False, "reason": "task_failed", "message": repr(exc)}
-
-
 _clients: dict[tuple[str, str, str], tuple[ServiceClient, _Follower]] = {}
 _clients_lock = threading.Lock()
 
@@ -199,6 +179,23 @@ def submit(spec: JobSpec | dict[str, Any], *, validator_url: str | None = None,
     handle.queue_reason = submitted.queue_reason
     if submitted.ticket is not None:
         handle._follow(JobState(job_id=submitted.job_id, status="received", ticket=submitted.ticket))
+    follower.add(handle)
+    return handle
+
+
+def follow(job_id: str, *, validator_url: str | None = None, capability: str | None = None,
+           ca_bundle: str | Path | None = None) -> JobHandle:
+    """Drive a job registered already (``rayhorde job run`` registers it itself, so its spec never
+    enters Ray's job table): launch its organic task for every ticket, as :func:`submit` does.
+    ``capability`` may be the scope of this one job."""
+    validator_url = validator_url or os.environ.get(VALIDATOR_URL_ENV)
+    capability = capability or os.environ.get(CAPABILITY_ENV)
+    if not validator_url or not capability:
+        raise UsageError(f"set {VALIDATOR_URL_ENV} and {CAPABILITY_ENV} or pass validator_url= and capability=")
+    client, follower = _client_for(validator_url, capability, ca_bundle)
+    view = JobView.model_validate(client.get(f"/v1/jobs/{job_id}"))
+    handle = JobHandle(client, job_id, view.executor_class)
+    handle._follow(JobState(job_id=job_id, status=view.status, ticket=view.ticket))
     follower.add(handle)
     return handle
 

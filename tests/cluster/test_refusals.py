@@ -233,3 +233,24 @@ def test_forged_capability_is_refused(stack):
         jobs.submit({"image": IMAGE, "command": ["true"]}, validator_url=stack.validator_url,
                     capability=fake.to_token())
     assert err.value.reason == "invalid_capability"
+
+
+def test_a_ticket_the_miner_refuses_ends_the_job_rejected_with_its_reason(stack, engine, test_agent):
+    """The driver no longer reads refusals from the task's return value: the agent reports them."""
+    sub = _register(stack)
+    owner = next(n for n, hk in stack.miners.items() if hk == sub["miner_hotkey"])
+    agent = test_agent(URIS[owner])
+    since = time.time()
+    bundle = agent.validator.post_signed("/v1/tickets/fetch", seal(agent.hotkey, "ticket_fetch",
+                                                                   TicketFetch(ticket_id=sub["ticket_id"])))
+    bundle["ticket"]["payload"]["executor_class"] = "always_on.gpu-24gb"  # no longer the validator's ticket
+    with pytest.raises(TicketRefused) as err:
+        agent.execute_bundle(bundle, ticket_id=sub["ticket_id"], attempt=1)
+    assert err.value.reason == "invalid_signature"
+    view = ServiceClient(stack.validator_url, headers={"Authorization": f"Bearer {stack.capability}"}).get(
+        f"/v1/jobs/{sub['job_id']}")
+    assert view["status"] == "rejected"
+    assert (view["failure"]["kind"], view["failure"]["reason"], view["failure"]["stage"]) == (
+        "rejection", "invalid_signature", "ticket")
+    assert view["failure"]["reporter"] == agent.hotkey.ss58
+    assert container_events(engine, since, **{"rayhorde.ticket": sub["ticket_id"]}) == []

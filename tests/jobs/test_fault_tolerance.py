@@ -43,7 +43,7 @@ def test_job_survives_its_miners_ray_node_being_killed(stack, engine):
     killed = time.time()
 
     view = handle.result(timeout_s=120)
-    assert view.status.value == "completed"
+    assert view.status.value == "completed", [(e.attempt, e.status.value, e.detail) for e in view.history]
     assert view.attempt == 2 and view.miner_hotkey != first_miner
     assert view.artifact("/artifacts/out") == b"done\n"
     attempts = {e.attempt for e in view.history}

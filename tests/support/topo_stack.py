@@ -24,6 +24,7 @@ from cluster.devstack.certs import make_ca
 from cluster.fabric.ray_node import short_tmp
 from cluster.protocol.identity import Hotkey, create_dev_wallet
 from cluster.resources import config_path
+from cluster.verification.cluster import VerificationCluster
 from serve_apps.inference.model import default_cache_dir
 from tests.support.topology import Host, Topology
 
@@ -83,6 +84,19 @@ class TopoStack:
             self.temp_dirs.append(path)
         return str(path)
 
+    @property
+    def metagraph(self) -> Path:
+        return self.v.home / "metagraph.json"
+
+    def deregister(self, name: str) -> None:
+        """Take miner ``name`` off the subnet, as the chain would (the local chain is a file)."""
+        mg = json.loads(self.metagraph.read_text())
+        gone = Hotkey.from_uri(MINER_URIS[name]).ss58
+        mg["neurons"] = [n for n in mg["neurons"] if n["hotkey"] != gone]
+        tmp = self.metagraph.with_suffix(".tmp")
+        tmp.write_text(json.dumps(mg))
+        tmp.replace(self.metagraph)  # whole or not at all: a reader never sees half a file
+
     def token(self) -> str:
         return (self.v.home / "validator" / "ray_token").read_text().strip()
 
@@ -111,9 +125,10 @@ class TopoStack:
         home = v.home / "validator"
         home.mkdir(parents=True, exist_ok=True)
         create_dev_wallet(v.home / "wallets", "validator", VALIDATOR_URI)
+        shutil.copy(config_path("metagraph.local.json"), self.metagraph)  # :meth:`deregister` edits it
         cfg = {"home": str(home), "wallet_path": str(v.home / "wallets"), "wallet_name": "validator",
                "host": v.ip, "port": VALIDATOR_PORT, "ray_node_ip": v.ip, "ray_port_base": RAY_PORT_BASE,
-               "metagraph_path": str(config_path("metagraph.local.json")),
+               "metagraph_path": str(self.metagraph), "firewall": "nftables",
                "users": [Hotkey.from_uri(USER_URI).ss58],
                "heartbeat_interval_s": 1, "heartbeat_timeout_s": 6, "head_num_cpus": 1,
                "ray_temp_dir": self._temp("head"), **self._tls(v)}
@@ -204,6 +219,11 @@ class TopoStack:
         """Stop every role (miners first), remove the Ray temp dirs; what is left of them."""
         for name in [n for n in self.procs if n != "validator"] + ["validator"]:
             self.stop(name)
+        state = self.v.home / "verification" / "verification-cluster.json"
+        if self.verification and state.exists():
+            # it outlives the script that started it; its processes would write into the temp
+            # dir while it is removed (CI once saw /tmp/rh-*-verif left behind)
+            VerificationCluster.stop_recorded(state)
         for path in self.temp_dirs:
             shutil.rmtree(path, ignore_errors=True)
         return [str(p) for p in self.temp_dirs if p.exists()]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -73,29 +72,21 @@ def hello(url: str, cap: str) -> dict:
 
 
 def submit(url: str, cap: str, sleep_s: str, count: str = "1") -> dict:
-    """``count`` organic jobs that each sleep ``sleep_s``, each its own driver submitted through
-    the Jobs gateway (no waiting); answers their rayhorde job ids once validator-core has them."""
+    """``count`` organic jobs that each sleep ``sleep_s``, as ``rayhorde job run`` starts them: each
+    registered with validator-core, then driven by its own driver submitted through the Jobs
+    gateway with only the job's id and scope (no waiting for the drivers)."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {cap}"},
-                                 verify=os.environ["RAYHORDE_CA_BUNDLE"])
+    ca = os.environ["RAYHORDE_CA_BUNDLE"]
+    client = JobSubmissionClient(url, headers={"Authorization": f"Bearer {cap}"}, verify=ca)
+    user = ServiceClient(url, headers={"Authorization": f"Bearer {cap}"}, verify=ca)
     spec = {"image": "rayhorde/busybox:local", "command": ["sh", "-c", f"sleep {sleep_s}; echo slept"],
             "executor_class": "always_on.test", "execution_timeout_s": 110, "max_wait_s": 300}
-    env_vars = {"RAYHORDE_VALIDATOR_URL": url, "RAYHORDE_CAPABILITY": cap,
-                "RAYHORDE_CA_BUNDLE": os.environ["RAYHORDE_CA_BUNDLE"]}
-    subs = [client.submit_job(entrypoint=f"python -m jobs {shlex.quote(json.dumps(spec))} 600",
-                              runtime_env={"env_vars": env_vars}) for _ in range(int(count))]
-    ids: dict[str, str] = {}
-    deadline = time.monotonic() + 180
-    while len(ids) < len(subs) and time.monotonic() < deadline:
-        for sub in subs:
-            if sub not in ids:
-                found = [ln.split("=", 1)[1].strip() for ln in client.get_job_logs(sub).splitlines()
-                         if ln.startswith("RAYHORDE_JOB_ID=")]
-                if found:
-                    ids[sub] = found[0]
-        time.sleep(0.5)
-    return {"drivers": subs, "jobs": [ids.get(s) for s in subs]}
+    ids = [user.post("/v1/jobs", spec)["job_id"] for _ in range(int(count))]
+    subs = [client.submit_job(entrypoint=f"python -m jobs {job_id} 600", runtime_env={"env_vars": {
+        "RAYHORDE_VALIDATOR_URL": url, "RAYHORDE_CA_BUNDLE": ca,
+        "RAYHORDE_CAPABILITY": user.post(f"/v1/jobs/{job_id}/scope", {})["scope"]}}) for job_id in ids]
+    return {"drivers": subs, "jobs": ids}
 
 
 def llm(url: str, cap: str, executor_class: str, calls: str = "3") -> dict:

@@ -8,7 +8,6 @@ fixture checks that nothing of it is left afterwards."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -65,6 +64,14 @@ def test_llm_stream_through_miner1s_proxy_is_verified(stack, cap):
         time.sleep(2)
     assert len(verdicts) == 3 and all(v.ok and v.checked_tokens > 0 for v in verdicts), verdicts
     assert stack.user("terminate", cap, out["job_id"])["status"] == "completed"
+
+
+def test_only_admitted_miners_hosts_reach_the_heads_ray_ports(stack):
+    v = stack.v
+    for port in (30000, 30007):  # the GCS, the head's raylet
+        assert stack.topo["miner1"].can_connect(v.ip, port) and stack.topo["miner2"].can_connect(v.ip, port)
+        assert not stack.topo["user"].can_connect(v.ip, port)  # not admitted: validator-core's firewall drops it
+    assert stack.topo["user"].can_connect(v.ip, 8750)  # validator-core's own door stays open
 
 
 def test_hello_world_with_stock_ray_job_submit_from_the_user_host(stack, cap):
@@ -140,3 +147,28 @@ def test_a_cut_link_moves_the_job_to_miner2_and_miner1_rejoins(stack, cap):
         miners = {t.miner_hotkey for j in again for t in _rows(stack, db.tickets, db.tickets.c.job_id == j)}
         time.sleep(0.5)
     assert MINER1 in miners, (miners, stack.log("miner1"))
+
+
+def test_a_miner_removed_from_the_metagraph_is_cut_off_while_the_other_keeps_working(stack, cap):
+    """Last in this module: miner2 does not come back."""
+    m2 = stack.topo["miner2"]
+    assert m2.can_connect(stack.v.ip, 30000)
+    stack.deregister("miner2")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _rows(stack, db.miners, db.miners.c.hotkey == MINER2):
+        time.sleep(0.5)
+    assert not _rows(stack, db.miners, db.miners.c.hotkey == MINER2), "miner2 is still admitted"
+    assert not m2.can_connect(stack.v.ip, 30000)  # its host is out of the firewall's set at once
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "not_registered" not in stack.log("miner2", tail=20000):
+        time.sleep(0.5)
+    assert "not_registered" in stack.log("miner2", tail=20000)  # its heartbeats (or rejoin) are refused
+    jobs = stack.user("submit", cap, "1", "2")["jobs"]
+    deadline = time.monotonic() + 180
+    rows = []
+    while time.monotonic() < deadline:
+        rows = [_rows(stack, db.jobs, db.jobs.c.id == j)[0] for j in jobs]
+        if all(r.status == "completed" for r in rows):
+            break
+        time.sleep(1)
+    assert [(r.status, r.miner_hotkey) for r in rows] == [("completed", MINER1)] * 2, stack.log("validator")

@@ -3,7 +3,9 @@ streams, and the demo's `ray job submit` of the shipped example from outside the
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 
 import httpx
 import pytest
@@ -11,6 +13,9 @@ from click.testing import CliRunner
 
 from cluster.cli.demo import ray_job_submit
 from cluster.cli.main import main
+from cluster.errors import SignatureRejected
+from cluster.protocol.envelope import SignedEnvelope
+from cluster.protocol.messages import Capability
 from tests.conftest import HELLO, IMAGE
 
 pytestmark = pytest.mark.integration
@@ -94,3 +99,53 @@ def test_the_demo_submits_the_shipped_example_from_a_temporary_working_dir(stack
     done = ray_job_submit(stack.state, stack.capability, "hello.py")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "artifact /artifacts/stuff = 'Hello, rayhorde!\\n'" in done.stdout
+    # the capability was given to `ray job submit` and stayed with the gateway
+    table = _job_table(stack)
+    assert stack.capability not in json.dumps(table, default=str)
+    assert [c.scope for c in _capabilities_in(table)] and {c.scope for c in _capabilities_in(table)} <= {"submission", "job"}
+
+
+def _job_table(stack) -> list[dict]:
+    """Ray's job table as any member reads it with the cluster token: the Jobs API's submissions
+    and the GCS's drivers (less this test session's own driver, which holds the capability)."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    auth = {"Authorization": f"Bearer {stack.token}"}
+    dashboard = stack.state["dashboard_url"]
+    subs = [j.model_dump() if hasattr(j, "model_dump") else j.dict() for j in
+            JobSubmissionClient(dashboard, headers=auth).list_jobs()]
+    drivers = httpx.get(f"{dashboard}/api/v0/jobs", params={"detail": "true", "limit": "1000"}, headers=auth,
+                        timeout=30).json()["data"]["result"]["result"]
+    this = ray.get_runtime_context().get_job_id()
+    return [j for j in subs + drivers if j.get("job_id") != this]
+
+
+def _capabilities_in(value) -> list[Capability]:
+    """Every string in ``value`` that is a capability this validator signed."""
+    if isinstance(value, dict):
+        return [c for v in value.values() for c in _capabilities_in(v)]
+    if isinstance(value, list):
+        return [c for v in value for c in _capabilities_in(v)]
+    if isinstance(value, str) and len(value) > 40:
+        try:
+            env = SignedEnvelope.from_token(value)
+        except (SignatureRejected, ValueError):
+            return []
+        return [Capability.model_validate(env.payload)] if env.kind == "capability" else []
+    return []
+
+
+def test_the_job_table_holds_a_single_job_scope_and_no_spec_secret(stack):
+    secret = f"s3cret-{uuid.uuid4().hex}"
+    out = cli(stack, "job", "run", "--env", f"TOKEN={secret}", "--", "sh", "-c", "echo ok")
+    assert out.exit_code == 0, out.output
+    job_id = out.output.split("job ", 1)[1].split()[0]
+    table = _job_table(stack)
+    assert secret not in json.dumps(table, default=str)  # the spec went to validator-core only
+    assert stack.capability not in json.dumps(table, default=str)
+    scopes = _capabilities_in(table)
+    assert scopes and [c for c in scopes if c.scope == "user"] == []
+    # its driver's (listed as a submission and as a GCS driver): one scope, for that job only
+    assert {(c.scope, c.max_jobs, c.capability_id) for c in scopes if c.job_id == job_id} == {
+        ("job", 0, next(c.capability_id for c in scopes if c.job_id == job_id))}

@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -28,7 +29,7 @@ from cluster.fabric import ray_node as rn
 from cluster.fabric.ports import PORT_BLOCK, HeadPorts, find_free_port_base
 
 pytestmark = pytest.mark.integration
-
+REPO = Path(__file__).resolve().parents[3]
 LOOPBACK_ADDRS = {"127.0.0.1", "::ffff:127.0.0.1"}  # Ray's gRPC servers use v4-mapped sockets
 WORKERS = {"A": {"miner:A": 1, "always_on.test": 2}, "B": {"miner:B": 1, "always_on.test": 2}}
 DRIVER = r"""
@@ -203,3 +204,20 @@ def test_teardown_leaves_nothing_behind(cluster):
     for _, port, _ in listeners:
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still listens"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv (util-linux)")
+def test_ray_processes_get_none_of_the_roles_ambient_capabilities(tmp_path):
+    """validator-core may hold CAP_NET_ADMIN (its firewall); what it spawns for Ray must not."""
+    code = ("import subprocess, sys; from cluster.fabric import ray_node\n"
+            "amb = lambda text: text.split('CapAmb:')[1].split()[0]\n"
+            "print('plain', amb(subprocess.run(['cat', '/proc/self/status'], capture_output=True, text=True).stdout))\n"
+            f"p = ray_node.spawn(['cat', '/proc/self/status'], {{}}, {str(tmp_path / 'out')!r}, {str(tmp_path)!r})\n"
+            f"p.wait(); print('spawned', amb(open({str(tmp_path / 'out')!r}).read()))\n")
+    # the role as systemd starts it with AmbientCapabilities=CAP_NET_ADMIN (here as root: the
+    # ambient set is what is inherited across exec, whoever the user)
+    out = subprocess.run(["setpriv", "--inh-caps=+net_admin", "--ambient-caps=+net_admin", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, cwd=str(REPO),
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["plain", "0000000000001000", "spawned", "0000000000000000"]

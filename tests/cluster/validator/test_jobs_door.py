@@ -20,9 +20,9 @@ from websockets.sync.client import connect
 
 from cluster.chain.local import LocalChain
 from cluster.miner.serving import BackgroundServer
-from cluster.protocol.envelope import seal
+from cluster.protocol.envelope import SignedEnvelope, seal
 from cluster.protocol.identity import Hotkey
-from cluster.protocol.messages import CapabilityRequest
+from cluster.protocol.messages import Capability, CapabilityRequest
 from cluster.resources import config_path
 from cluster.settings import ValidatorSettings
 from cluster.validator.app import build_app
@@ -64,12 +64,13 @@ def gateway(tmp_path_factory):
     dashboard = Starlette(routes=[WebSocketRoute("/api/jobs/{job_id}/logs/tail", tail),
                                   Route("/{path:path}", anything, methods=["GET", "POST", "PUT", "DELETE"])])
     shutil.copy(config_path("metagraph.local.json"), root / "metagraph.json")
+    dport, vport = free_port(), free_port()
     settings = ValidatorSettings(home=root, wallet_path=root, db_url=f"sqlite:///{root / 'v.db'}", deploy_streams=False,
+                                 host="127.0.0.1", port=vport,
                                  metagraph_path=root / "metagraph.json", users=[DAVE.ss58, EVE.ss58])
     core = ValidatorCore(settings, hotkey=ALICE, chain=LocalChain(settings.metagraph_path), ray_token=RAY_TOKEN)
     caps = {u: core.capabilities.issue(seal(u, "capability_request", CapabilityRequest(
-        validator=ALICE.ss58, max_jobs=5, ttl_s=3600))) for u in (DAVE, EVE)}
-    dport, vport = free_port(), free_port()
+        validator=ALICE.ss58, max_jobs=20, ttl_s=3600))) for u in (DAVE, EVE)}
     servers = [BackgroundServer(dashboard, name="stand-in dashboard", host="127.0.0.1", port=dport),
                BackgroundServer(build_app(core, jobs_dashboard_url=f"http://127.0.0.1:{dport}", ray_token=RAY_TOKEN),
                                 name="validator-core", host="127.0.0.1", port=vport)]
@@ -176,3 +177,77 @@ def test_the_log_tail_is_relayed_to_its_owner_only(gateway):
         got = [ws.recv(timeout=10), ws.recv(timeout=10)]
     assert got == ["line 1\n", "line 2\n"]
     assert hits == [("WS", f"/api/jobs/{sid}/logs/tail", f"Bearer {RAY_TOKEN}", b"")]
+
+
+def _scope_of(token: str) -> Capability:
+    return Capability.model_validate(SignedEnvelope.from_token(token).payload)
+
+
+def test_the_driver_gets_a_scope_of_its_own_never_the_capability(gateway):
+    url, hits, caps = gateway
+    hits.clear()
+    r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={
+        "entrypoint": "python hello.py", "runtime_env": {"env_vars": {"RAYHORDE_CAPABILITY": caps["dave"],
+                                                                      "MINE": "kept"}}})
+    assert r.status_code == 200, r.text
+    sid = r.json()["submission_id"]
+    [(_, _, _, body)] = [h for h in hits if h[1] == "/api/jobs/"]
+    assert caps["dave"].encode() not in body  # not in what Ray stores, where every member reads it
+    env = json.loads(body)["runtime_env"]["env_vars"]
+    assert env["MINE"] == "kept" and env["RAYHORDE_VALIDATOR_URL"] == url  # set for the driver when unset
+    scope = _scope_of(env["RAYHORDE_CAPABILITY"])
+    assert (scope.scope, scope.submission_id, scope.user) == ("submission", sid, DAVE.ss58)
+    # with no runtime env at all, the driver still gets both
+    r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "python hello.py"})
+    env = json.loads([h for h in hits if h[1] == "/api/jobs/"][-1][3])["runtime_env"]["env_vars"]
+    assert _scope_of(env["RAYHORDE_CAPABILITY"]).submission_id == r.json()["submission_id"]
+
+
+def test_a_submission_scope_starts_and_sees_its_own_jobs_only(gateway):
+    url, hits, caps = gateway
+    users_job = httpx.post(f"{url}/v1/jobs", headers=_as(caps["dave"]), json={"image": "busybox", "command": ["true"]})
+    assert users_job.status_code == 200, users_job.text
+    httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "python hello.py"})
+    scope = json.loads([h for h in hits if h[1] == "/api/jobs/"][-1][3])["runtime_env"]["env_vars"][
+        "RAYHORDE_CAPABILITY"]
+    mine = httpx.post(f"{url}/v1/jobs", headers=_as(scope), json={"image": "busybox", "command": ["true"]})
+    assert mine.status_code == 200, mine.text
+    assert httpx.get(f"{url}/v1/jobs/{mine.json()['job_id']}", headers=_as(scope)).status_code == 200
+    assert [j["job_id"] for j in httpx.get(f"{url}/v1/jobs", headers=_as(scope)).json()] == [mine.json()["job_id"]]
+    other = httpx.get(f"{url}/v1/jobs/{users_job.json()['job_id']}", headers=_as(scope))
+    assert other.status_code == 404  # the user's other jobs do not exist for a driver's scope
+    assert httpx.get(f"{url}/v1/jobs/{mine.json()['job_id']}", headers=_as(caps["dave"])).status_code == 200
+    for method, path in (("GET", "/v1/streams"), ("POST", f"/v1/jobs/{users_job.json()['job_id']}/scope"),
+                         ("GET", "/api/jobs/"), ("GET", "/api/version")):
+        r = httpx.request(method, f"{url}{path}", headers=_as(scope))
+        assert r.status_code == 403 and r.json()["error"]["reason"] == "scope_denied", (path, r.text)
+
+
+def test_a_capability_anywhere_else_in_a_submission_is_refused_before_ray(gateway):
+    url, hits, caps = gateway
+    hits.clear()
+    for body in ({"entrypoint": f"RAYHORDE_CAPABILITY={caps['dave']} python hello.py"},
+                 {"entrypoint": "python hello.py", "metadata": {"note": caps["dave"]}},
+                 {"entrypoint": "x", "runtime_env": {"env_vars": {"AUTH": f"Bearer {caps['dave']}"}}}):
+        r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json=body)
+        assert r.status_code == 422 and r.json()["error"]["reason"] == "capability_exposed", r.text
+    assert hits == []
+    r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={"entrypoint": "x", "runtime_env": "nope"})
+    assert r.status_code == 422 and r.json()["error"]["reason"] == "malformed"
+
+
+def test_a_job_scope_follows_its_one_job(gateway):
+    url, _, caps = gateway
+    job = httpx.post(f"{url}/v1/jobs", headers=_as(caps["dave"]), json={"image": "busybox", "command": ["true"]}).json()
+    other = httpx.post(f"{url}/v1/jobs", headers=_as(caps["dave"]), json={"image": "busybox", "command": ["true"]}).json()
+    assert httpx.post(f"{url}/v1/jobs/{job['job_id']}/scope", headers=_as(caps["eve"])).status_code == 404
+    scope = httpx.post(f"{url}/v1/jobs/{job['job_id']}/scope", headers=_as(caps["dave"])).json()["scope"]
+    assert _scope_of(scope).scope == "job" and _scope_of(scope).max_jobs == 0
+    assert httpx.get(f"{url}/v1/jobs/{job['job_id']}", headers=_as(scope)).status_code == 200
+    watched = httpx.post(f"{url}/v1/jobs/watch", headers=_as(scope),
+                         json={"known": {job["job_id"]: None, other["job_id"]: None}, "wait_s": 0}).json()
+    assert [s["job_id"] for s in watched] == [job["job_id"]]
+    assert httpx.get(f"{url}/v1/jobs/{other['job_id']}", headers=_as(scope)).status_code == 404
+    start = httpx.post(f"{url}/v1/jobs", headers=_as(scope), json={"image": "busybox", "command": ["true"]})
+    assert start.status_code == 403 and start.json()["error"]["reason"] == "scope_denied"
+    assert httpx.post(f"{url}/v1/jobs/{job['job_id']}/cancel", headers=_as(scope)).json()["status"] == "cancelled"

@@ -30,7 +30,7 @@ from cluster.protocol.jobs import JobStatus
 from cluster.protocol.messages import Heartbeat, NodeLost, NodeStarted
 from cluster.validator import store as db
 from cluster.validator.ray_state import RayState
-from tests.cluster.validator.test_validator_service import BOB, CHARLIE, Harness, by_hotkey
+from tests.cluster.validator.test_validator_service import BOB, CHARLIE, Harness, by_hotkey, refused
 from tests.conftest import IMAGE
 from tests.support.net import wait_for
 
@@ -45,6 +45,7 @@ class Dashboard:
 
     def __init__(self) -> None:
         self.nodes: dict[str, str] = {}  # node id -> ALIVE | DEAD
+        self.resources: dict[str, dict[str, float]] = {}  # node id -> what it advertises (default: 1 CPU)
         self.raw: tuple[int, bytes] | None = None  # answer this instead
         self.delay_s = 0.0
         self.requests: list[dict[str, Any]] = []
@@ -70,7 +71,7 @@ class Dashboard:
                     return self._send(*dash.raw)
                 wanted = dict(zip(query.get("filter_keys", []), query.get("filter_values", [])))
                 rows = [{"node_id": n, "state": s, "node_ip": "127.0.0.1", "is_head_node": False,
-                         "resources_total": {"CPU": 1.0}, "labels": {}, "state_message": None}
+                         "resources_total": dash.resources.get(n, {"CPU": 1.0}), "labels": {}, "state_message": None}
                         for n, s in dash.nodes.items() if wanted.get("node_id", n) == n]
                 listing = {"total": len(rows), "num_after_truncation": len(rows), "num_filtered": len(rows),
                            "result": rows, "partial_failure_warning": "", "warnings": None}
@@ -165,14 +166,18 @@ def h(tmp_path: Path, db_url: str, dashboard: Dashboard) -> Iterator[Harness]:
     harness = Harness(tmp_path, db_url)
     harness.settings = harness.settings.model_copy(update={"ray_port_base": dashboard.port - 1})
     harness.restart()
+    harness.dashboard = dashboard
     yield harness
     for core in harness.cores:
         core.engine.dispose()
 
 
 def admit(h: Harness, *miners: Hotkey) -> None:
+    """Join, start the node Ray then lists (ALIVE, with the join's resources), report it started."""
     for m in miners:
-        h.admit(m, node=False)
+        _, _, accepted = h.admit(m, node=False)
+        h.dashboard.nodes[NODE[m.ss58]] = "ALIVE"
+        h.dashboard.resources[NODE[m.ss58]] = {"CPU": 1.0, **accepted.resources}
         h.core.admission.node_started(h.seal(m, "node_started", NodeStarted(node_id=NODE[m.ss58])))
 
 
@@ -296,7 +301,8 @@ def test_a_node_lost_that_ray_cannot_be_asked_about_is_not_charged(h, dashboard)
 
 def test_a_node_unknown_to_ray_is_a_fabric_incident(h, dashboard):
     admit(h, BOB)
-    report_lost(h, BOB, [])  # the stand-in GCS lists no such node
+    dashboard.nodes.clear()  # the stand-in GCS no longer lists the node
+    report_lost(h, BOB, [])
     h.core.sweep()
     assert h.core.admission.pending_node_losses() == [] and incidents(h) == []
 
@@ -305,9 +311,9 @@ def test_without_a_ray_head_a_node_lost_is_taken_as_said(tmp_path, db_url, dashb
     h = Harness(tmp_path, db_url)
     h.settings = h.settings.model_copy(update={"ray_port_base": dashboard.port - 1, "deploy_streams": False})
     h.restart()
+    h.dashboard = dashboard
     try:
         admit(h, BOB, CHARLIE)
-        dashboard.nodes = {NODE[BOB.ss58]: "ALIVE", NODE[CHARLIE.ss58]: "ALIVE"}
         cap, sub, first, other = running_job(h)
         report_lost(h, first, [sub.ticket.ticket_id])
         moved_on(h, cap, sub, other)
@@ -351,7 +357,7 @@ def test_a_miner_that_reports_its_live_node_lost_is_charged_and_its_job_moves_on
         node_id=node_id, running_tickets=[first_ticket])))
 
     view = handle.result(timeout_s=120)  # the job moves on to the other miner at once
-    assert view.status.value == "completed" and view.result.stdout == "done\n"
+    assert view.status.value == "completed" and view.result.stdout == "done\n", [(e.attempt, e.status.value, e.detail) for e in view.history]
     assert view.attempt == 2 and view.miner_hotkey != first_miner
     wait_for(lambda: not engine.containers.list(all=True, filters={"label": f"rayhorde.ticket={first_ticket}"}), 30,
              "the liar's agent to kill the retired attempt")
@@ -369,3 +375,31 @@ def test_a_miner_that_reports_its_live_node_lost_is_charged_and_its_job_moves_on
     validator.post_signed("/v1/admission/node", seal(liar, "node_started", NodeStarted(node_id=node_id)))
     wait_for(lambda: sum(1 for m in status(stack)["miners"] if m["node_id"] and m["heartbeat_age_s"] < 5) == 2,
              60, "both miners live")
+
+
+# ---------------------------------------------------------------------------- node_started, checked with Ray
+def test_a_node_started_must_be_a_live_ray_node_with_the_admitted_resources(h, dashboard):
+    _, _, accepted = h.admit(BOB, node=False)
+    node = NODE[BOB.ss58]
+    started = h.seal(BOB, "node_started", NodeStarted(node_id=node))
+    err = refused(AdmissionRefused, "node_unknown", h.core.admission.node_started, started)  # a made-up id
+    assert f"Ray has no ALIVE node {node} (it says UNKNOWN)" in err.message
+    dashboard.nodes[node] = "ALIVE"
+    dashboard.resources[node] = {"CPU": 1.0, **accepted.resources, "executor:always_on.test": 4.0}  # claims more
+    err = refused(AdmissionRefused, "node_mismatch", h.core.admission.node_started,
+                  h.seal(BOB, "node_started", NodeStarted(node_id=node)))
+    assert "'executor:always_on.test': 4.0" in err.message and "'executor:always_on.test': 1.0" in err.message
+    dashboard.resources[node] = {"CPU": 1.0, "miner:" + CHARLIE.ss58: 1.0, "executor:always_on.test": 1.0}
+    refused(AdmissionRefused, "node_mismatch", h.core.admission.node_started,  # another miner's node
+            h.seal(BOB, "node_started", NodeStarted(node_id=node)))
+    assert h.core.cluster_status()["miners"][0]["node_id"] is None  # none of those counted as capacity
+    dashboard.resources[node] = {"CPU": 1.0, **accepted.resources}
+    h.core.admission.node_started(h.seal(BOB, "node_started", NodeStarted(node_id=node)))
+    assert h.core.cluster_status()["miners"][0]["node_id"] == node
+
+
+def test_a_node_started_is_taken_as_said_when_ray_cannot_be_asked(h, dashboard):
+    h.admit(BOB, node=False)
+    dashboard.raw = (503, b"down")
+    h.core.admission.node_started(h.seal(BOB, "node_started", NodeStarted(node_id=NODE[BOB.ss58])))
+    assert h.core.cluster_status()["miners"][0]["node_id"] == NODE[BOB.ss58]

@@ -60,7 +60,7 @@ def tables(engine: sa.Engine) -> set[str]:
 # ---------------------------------------------------------------------------- migrations
 def test_migrations_are_idempotent_and_keep_data(open_db):
     first = open_db()
-    assert versions(first) == ALL == [1, 2, 3, 4, 5, 6]
+    assert versions(first) == ALL == [1, 2, 3, 4, 5, 6, 7, 8]
     assert tables(first) == set(db.metadata.tables) | {"schema_version"}
     with first.begin() as conn:
         conn.execute(db.capabilities.insert().values(id="c1", user_hotkey="u", max_jobs=3, expires_ns=1, jobs_used=0))
@@ -79,7 +79,7 @@ def test_database_from_before_migrations_is_version_1(db_url, open_db):
         conn.execute(db.miners.insert().values(hotkey="m", admitted_ns=1, executor_classes={"a": 1}, versions={}))
     legacy.dispose()
     engine = open_db()
-    assert versions(engine) == [1, 2, 3, 4, 5, 6]  # then 2 to 6 ran
+    assert versions(engine) == [1, 2, 3, 4, 5, 6, 7, 8]  # then 2 to 8 ran
     assert {"streams", "stream_claims", "score_cycles", "probes", "gateway_submissions"} <= tables(engine)
     with engine.connect() as conn:
         assert conn.execute(sa.select(db.miners.c.executor_classes)).scalar_one() == {"a": 1}
@@ -122,7 +122,7 @@ def test_a_newer_database_is_refused(open_db):
     engine = open_db()
     with engine.begin() as conn:
         conn.execute(db.schema_version.insert().values(version=99, description="future", applied_ns=1))
-    with pytest.raises(ConfigError, match="schema is at version 99 .* knows versions up to 6"):
+    with pytest.raises(ConfigError, match="schema is at version 99 .* knows versions up to 8"):
         open_db()
 
 

@@ -6,6 +6,7 @@ the whitelisted user. Every envelope is sealed with the test's clock, which the 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from pathlib import Path
@@ -48,6 +49,11 @@ class Clock:
         self.now += int(s * NS)
 
 
+def node_of(miner: Hotkey) -> str:
+    """The Ray node id (56 hex digits) the harness's ``miner`` reports."""
+    return hashlib.sha224(miner.ss58.encode()).hexdigest()
+
+
 class Harness:
     def __init__(self, tmp: Path, db_url: str) -> None:
         self.clock = Clock()
@@ -75,7 +81,7 @@ class Harness:
                                                               versions=local_versions()))
         accepted = self.core.admission.join(join)
         if node:
-            started = NodeStarted(node_id=f"node-{miner.ss58[:8]}")
+            started = NodeStarted(node_id=node_of(miner))
             self.core.admission.node_started(self.seal(miner, "node_started", started))
         return ch, join, accepted
 
@@ -142,7 +148,7 @@ def test_admission_then_capability_budget(h):
                       versions=local_versions())
     refused(AdmissionRefused, "not_registered", h.core.admission.join, h.seal(EVE, "admission_join", eve))
     [miner] = h.core.cluster_status()["miners"]
-    assert (miner["hotkey"], miner["node_id"], miner["executor_classes"]) == (BOB.ss58, f"node-{BOB.ss58[:8]}",
+    assert (miner["hotkey"], miner["node_id"], miner["executor_classes"]) == (BOB.ss58, node_of(BOB),
                                                                               {CLASS: 2})
 
     req = CapabilityRequest(validator=ALICE.ss58, max_jobs=2, ttl_s=60)
@@ -206,7 +212,7 @@ def test_node_lost_retires_a_fabric_incident_and_reticketes_to_the_other_miner(h
     # a late report about a node the miner already replaced changes nothing
     h.core.admission.node_lost(h.seal(first, "node_lost", NodeLost(node_id="an-older-node")))
     assert h.incidents() == [] and h.core.organic.get(cap, sub.job_id).ticket == sub.ticket
-    h.core.admission.node_lost(h.seal(first, "node_lost", NodeLost(node_id=f"node-{first.ss58[:8]}",
+    h.core.admission.node_lost(h.seal(first, "node_lost", NodeLost(node_id=node_of(first),
                                                          running_tickets=[sub.ticket.ticket_id])))
 
     assert h.incidents() == [(first.ss58, "fabric", "ray_node_lost", 1)]
