@@ -51,6 +51,15 @@ class ExecutorClass(BaseModel):
     max_image_pull_s: int = Field(gt=0, default=600)
 
 
+MODEL_CACHE_ENV = "RAYHORDE_MODEL_CACHE"
+
+
+def default_model_cache() -> Path:
+    """Where the serving apps (and the verifiers) keep built models: ``$RAYHORDE_MODEL_CACHE``,
+    else ``~/.cache/rayhorde/models``. A sandboxed node is shown it read-only and told it by name."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "rayhorde" / "models")
+
+
 def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
     path = Path(path).absolute()
     try:
@@ -115,6 +124,10 @@ class ValidatorSettings(BaseModel):
     head_num_cpus: int = Field(ge=0, default=1)
     head_object_store_mb: int = Field(ge=50, default=100)
     ray_temp_dir: Path | None = None  # default /tmp/rh-<hash of home>-head: unix socket paths are limited to 107 bytes
+    # The OS user (name, or uid:gid) every Ray process of the head runs as, in a mount namespace that
+    # shows only what Ray needs (cluster/fabric/sandbox.py; the role must start as root). Unset: Ray runs
+    # as the role's own user, unconfined (the one-machine dev stack). Deployments set it.
+    ray_user: str | None = None
     # streaming jobs (Serve apps driven through the head's Serve REST API)
     whitelist_path: Path = Field(default_factory=lambda: config_path("serve_apps.toml"))
     deploy_streams: bool = True  # false: no Ray head to deploy to (unit tests)
@@ -203,6 +216,9 @@ class MinerSettings(BaseModel):
     object_store_mb: int = Field(ge=50, default=80)
     node_port_base: int = 0  # 0: pick free ports
     ray_temp_dir: Path | None = None  # keep short: unix socket paths are limited to 107 bytes
+    # The OS user (name, or uid:gid) of this miner's Ray node, sandboxed (see ValidatorSettings.ray_user):
+    # a rival's task pinned to the node then reads no wallet, no docker socket, no job's files.
+    ray_user: str | None = None
     max_clock_skew_s: float = Field(gt=0, default=5)
     docker_host: str = "unix:///run/rayhorde-docker.sock"
     image_user: str = "65534:65534"

@@ -79,7 +79,7 @@ class EchoApp:
         except (ValueError, KeyError, TypeError):
             raise Refused("malformed", 'send {"name": <file name>}', status_code=400) from None
         try:
-            content = self.side.volume_file(name).read_text(errors="replace")
+            content = self.side.read_volume(name).decode(errors="replace")
         except OSError as exc:
             raise Refused("no_such_file", f"cannot read {name!r} from the job's volume: {exc.strerror} (put it "
                           "there first: PUT /jobs/<id>/volume/<name> through the miner proxy)",

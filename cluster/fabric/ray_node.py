@@ -38,7 +38,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from cluster.fabric import processes
+from cluster.fabric import processes, sandbox
 from cluster.fabric.ports import LOOPBACK, HeadPorts
 from cluster.resources import package_root
 
@@ -131,16 +131,29 @@ def head_env(token: str, temp_dir: str, *, node_ip: str = LOOPBACK) -> dict[str,
 
 def start_head(*, ports: HeadPorts, temp_dir: str, token: str, num_cpus: int = 1,
                object_store_mb: int = 100, log_path: str, extra_env: dict | None = None,
-               cwd: str | None = None, node_ip: str = LOOPBACK) -> subprocess.Popen:
+               cwd: str | None = None, node_ip: str = LOOPBACK,
+               sandbox_spec: sandbox.SandboxSpec | None = None) -> subprocess.Popen:
     """Start a head node (this module's ``head`` entry point) on ``node_ip`` in a new session;
     returns at once (see wait_head_ready). No Ray Client server; the dashboard on 127.0.0.1.
+    Given ``sandbox_spec`` (see :func:`node_sandbox`), every Ray process runs inside it.
 
     Head tasks run in ``cwd``, by default an empty ``<temp_dir>/cwd`` (not the session files)."""
     cmd = [sys.executable, "-m", "cluster.fabric.ray_node", "head", f"--node-ip-address={node_ip}",
            f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", f"--object-store-mb={object_store_mb}",
            f"--ports-base={ports.gcs}", "--resources={}"]
+    if sandbox_spec is not None:
+        cmd.append(f"--sandbox={sandbox_spec.model_dump_json()}")
     env = {**head_env(token, temp_dir, node_ip=node_ip), "PYTHONPATH": python_path(), **(extra_env or {})}
     return spawn(cmd, env, log_path, cwd or os.path.join(temp_dir, "cwd"))
+
+
+def node_sandbox(ray_user: str | None, temp_dir: str, cwd: str | None = None, *,
+                 read_only: list[str] = ()) -> sandbox.SandboxSpec | None:
+    """The sandbox of a node whose temp dir is ``temp_dir`` (its HOME is ``<temp_dir>/home``) and
+    whose tasks run in ``cwd`` (default ``<temp_dir>/cwd``); None when ``ray_user`` is unset."""
+    cwd = cwd or os.path.join(temp_dir, "cwd")
+    return sandbox.spec_for(ray_user, home=os.path.join(temp_dir, "home"), writable=[temp_dir, cwd],
+                            read_only=list(read_only))
 
 
 def wait_head_ready(ports: HeadPorts, token: str, timeout_s: float = 60) -> None:
@@ -163,10 +176,12 @@ def wait_head_ready(ports: HeadPorts, token: str, timeout_s: float = 60) -> None
 
 def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict[str, float],
                  num_cpus: int, object_store_mb: int, node_ports_base: int, node_id_file: str,
-                 log_path: str, cwd: str, extra_env: dict | None = None, node_ip: str = LOOPBACK) -> subprocess.Popen:
+                 log_path: str, cwd: str, extra_env: dict | None = None, node_ip: str = LOOPBACK,
+                 sandbox_spec: sandbox.SandboxSpec | None = None) -> subprocess.Popen:
     """Start a worker node (this module's ``worker`` entry point) in a new session, in ``cwd``.
 
-    It writes ``{"node_id", "pid"}`` to ``node_id_file`` once the node is registered in the GCS.
+    It writes ``{"node_id", "pid"}`` to ``node_id_file`` once the node is registered in the GCS
+    (in a sandbox, the file must lie in one of its writable folders).
     """
     HeadPorts.from_base(node_ports_base)  # validate early, in the caller
     cmd = [
@@ -178,6 +193,8 @@ def start_worker(*, gcs_address: str, temp_dir: str, token: str, resources: dict
     ]
     # cwd is empty, so the launcher (and, inheriting it, Ray workers, which must import rayhorde
     # modules that cloudpickle references by name) find this package through PYTHONPATH.
+    if sandbox_spec is not None:
+        cmd.append(f"--sandbox={sandbox_spec.model_dump_json()}")
     env = {**ray_env(token, node_ip=node_ip), "PYTHONPATH": python_path(), "TMPDIR": temp_dir, **(extra_env or {})}
     return spawn(cmd, env, log_path, cwd)
 
@@ -222,7 +239,11 @@ def stop_process(proc_or_pid, timeout_s: float = 15) -> None:
 
 
 def _node_main(role: str, argv: list[str]) -> int:
-    """Run one Ray node (``head`` or ``worker``) until SIGTERM, with every port explicit."""
+    """Run one Ray node (``head`` or ``worker``) until SIGTERM, with every port explicit; first,
+    given ``--sandbox``, enter it (before Ray starts a thread or a process)."""
+    for arg in argv:
+        if arg.startswith("--sandbox="):
+            sandbox.enter(sandbox.SandboxSpec.model_validate_json(arg.partition("=")[2]))
     import ray._private.node
     import ray._private.parameter
     import ray._private.services
@@ -232,6 +253,7 @@ def _node_main(role: str, argv: list[str]) -> int:
     for name in ("temp-dir", "resources", "node-ip-address"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--gcs-address", required=role == "worker")
+    p.add_argument("--sandbox", default=None)  # entered above
     p.add_argument("--node-id-file", required=role == "worker")
     for name in ("num-cpus", "object-store-mb", "ports-base"):
         p.add_argument(f"--{name}", type=int, required=True)

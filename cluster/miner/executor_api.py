@@ -1,25 +1,30 @@
-"""The agent's executor API: an HTTP server on a local unix socket that Ray tasks on this node
-poke with a ticket id and attempt: the Ray fabric is untrusted and visible to every member, so
-nothing else crosses it; the agent fetches the spec from validator-core itself.
+"""The agent's executor API: an HTTP server on a local unix socket, the one door from this
+miner's Ray node into the agent (in a sandbox, reached through the socket's group).
 
-Any process on the node can poke; that is harmless, because the agent runs only tickets that
-validator-core hands to THIS miner's signed fetch and that pass :meth:`AgentCore.verify`.
+* ``POST /v1/run``: a Ray task pokes with a ticket id and attempt: the Ray fabric is untrusted
+  and visible to every member, so nothing else crosses it; the agent fetches the spec from
+  validator-core itself. Any process on the node can poke; that is harmless, because the agent
+  runs only tickets that validator-core hands to THIS miner's signed fetch and that pass
+  :meth:`AgentCore.verify`.
+* ``POST /v1/stream-volume``: a streaming app reads a file of its job's volume with a request
+  signed by its job key (``protocol.streams.VolumeRead``); any other process gets nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from cluster.miner.agent import AgentCore
 from cluster.miner.serving import BackgroundServer
 from cluster.errors import ExternalError, Refused
 from cluster.protocol.http import error_body
+from cluster.protocol.streams import VOLUME_READ_PATH, VolumeRead
 
 log = logging.getLogger("rayhorde.agent")
 
@@ -29,7 +34,8 @@ class Poke(BaseModel):
     attempt: int = Field(ge=1, le=1000)
 
 
-def build_executor_app(core: AgentCore) -> FastAPI:
+def build_executor_app(core: AgentCore, volumes: Callable[[VolumeRead], bytes] | None = None) -> FastAPI:
+    """``volumes`` answers a signed volume read (``StreamKeeper.read_volume``) or raises Refused."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestValidationError)
@@ -48,6 +54,16 @@ def build_executor_app(core: AgentCore) -> FastAPI:
             log.exception("ticket %s failed", poke.ticket_id)
             return JSONResponse(error_body("agent_error", str(exc)), status_code=500)
 
+    @app.post(VOLUME_READ_PATH)
+    def read_volume(read: VolumeRead) -> Response:
+        try:
+            if volumes is None:
+                raise Refused("no_volume", "this agent keeps no volumes for streaming jobs")
+            return Response(volumes(read), media_type="application/octet-stream")
+        except Refused as exc:
+            log.warning("volume read of %s/%s refused: %s", read.job_id, read.name, exc)
+            return JSONResponse(error_body(exc.reason, exc.message), status_code=exc.status_code or 403)
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"ok": True, "miner": core.hotkey.ss58, "running": len(core.running)}
@@ -58,6 +74,6 @@ def build_executor_app(core: AgentCore) -> FastAPI:
 class ExecutorServer(BackgroundServer):
     """The executor API on a unix socket, in a background thread."""
 
-    def __init__(self, core: AgentCore, socket_path: str) -> None:
-        super().__init__(build_executor_app(core), name=f"executor API on {socket_path}", uds=socket_path,
+    def __init__(self, core: AgentCore, socket_path: str, volumes: Callable[[VolumeRead], bytes] | None = None) -> None:
+        super().__init__(build_executor_app(core, volumes), name=f"executor API on {socket_path}", uds=socket_path,
                          limit_concurrency=256)

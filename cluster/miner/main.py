@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ from cluster.protocol.http import ServiceClient
 from cluster.fabric.ports import find_free_port_base
 from cluster.fabric.processes import command_line
 from cluster.protocol.identity import Hotkey, load_wallet
+from cluster.protocol.jobs import AGENT_SOCKET_ENV
 from cluster.miner.agent import AgentCore
 from cluster.miner.docker_runtime import DockerRuntime
 from cluster.miner.executor_api import ExecutorServer
@@ -38,7 +40,8 @@ from cluster.miner.streams import StreamKeeper
 from cluster.protocol.messages import (
     Challenge, ChallengeRequest, Heartbeat, JoinAccepted, JoinRequest, NodeLost, NodeStarted,
 )
-from cluster.settings import MinerSettings, add_wallet_args, load_executor_classes, load_settings, wallet_overrides
+from cluster.settings import (MODEL_CACHE_ENV, MinerSettings, add_wallet_args, default_model_cache,
+                              load_executor_classes, load_settings, wallet_overrides)
 from cluster.protocol.version import local_versions
 from cluster.errors import ConfigError, Refused, ServiceUnavailable
 
@@ -85,12 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(MinerSettings, args.config, env_prefix="RAYHORDE_MINER_", **wallet_overrides(args))
         hotkey = load_wallet(settings.wallet_path, settings.wallet_name, settings.wallet_hotkey)
+        home = settings.home
+        temp_dir = str(settings.ray_temp_dir or Path(f"/tmp/rh-{hotkey.ss58[:8].lower()}"))
+        node_cwd = home / "node-cwd"  # an empty directory: what a Ray task on this node sees as its cwd
+        executor_dir = home / "executor"  # holds the agent's socket: the one folder of home a sandboxed node sees
+        jail = ray_node.node_sandbox(settings.ray_user, temp_dir, str(node_cwd), read_only=[str(executor_dir)])
     except ConfigError as exc:  # one line: what is wrong and how to fix it
         print(f"miner agent: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s agent[{settings.name}] %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat and receipt page
-    home = settings.home
     home.mkdir(parents=True, exist_ok=True)
     runtime = DockerRuntime(settings.docker_host)
     runtime.ping()
@@ -124,15 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("admission refused: %s", exc)
         return 2
     log.info("admitted by %s: resources %s", accepted.validator_hotkey, accepted.resources)
-    sock = home / "agent.sock"
-    sock.unlink(missing_ok=True)
-    server = ExecutorServer(core, str(sock))
-    server.start()
-    node_cwd = home / "node-cwd"  # an empty directory: what a Ray task on this node sees as its cwd
-    node_cwd.mkdir(exist_ok=True)
-    node_file = home / "node.json"
-    temp_dir = settings.ray_temp_dir or Path(f"/tmp/rh-{hotkey.ss58[:8].lower()}")
-    volumes = home / "stream-volumes"
+    volumes = home / "stream-volumes"  # never shown to the Ray node: apps read through the agent
     shutil.rmtree(volumes, ignore_errors=True)  # streams of a previous run ended when we re-joined
     keeper = StreamKeeper(hotkey, validator, validator_hotkey=settings.validator_hotkey, proxy_port=proxy_port,
                           proxy_url=proxy_url, serve_url=f"http://127.0.0.1:{accepted.serve_http_port}",
@@ -141,18 +140,33 @@ def main(argv: list[str] | None = None) -> int:
                           proxy_host=settings.proxy_host, tls_cert_path=settings.tls_cert_path,
                           tls_key_path=settings.tls_key_path)
     keeper.start()
+    executor_dir.mkdir(mode=0o750, exist_ok=True)
+    sock = executor_dir / "agent.sock"
+    sock.unlink(missing_ok=True)
+    server = ExecutorServer(core, str(sock), volumes=keeper.read_volume)
+    server.start()
+    if jail is not None:  # the node's user reaches the socket through its group, and nothing else here
+        for path, mode in ((executor_dir, 0o750), (sock, 0o660)):
+            os.chown(path, 0, jail.gid)
+            os.chmod(path, mode)
+    node_cwd.mkdir(exist_ok=True)
+    node_file = home / "node.json"  # the agent's own record {node_id, pid}: a node never writes it
+    node_id_file = Path(temp_dir) / "node-id.json"  # what the node's launcher writes once it is up
 
     def start_node() -> tuple[subprocess.Popen, str]:
         node_file.unlink(missing_ok=True)
+        node_id_file.unlink(missing_ok=True)
         proc = ray_node.start_worker(
-            gcs_address=accepted.gcs_address, temp_dir=str(temp_dir), token=accepted.ray_token,
+            gcs_address=accepted.gcs_address, temp_dir=temp_dir, token=accepted.ray_token,
             resources=accepted.resources, num_cpus=settings.num_cpus, object_store_mb=settings.object_store_mb,
-            node_ports_base=ports_base, node_id_file=str(node_file), log_path=str(home / "ray-node.log"),
-            node_ip=settings.ray_node_ip,
-            cwd=str(node_cwd), extra_env={"RAYHORDE_AGENT_SOCKET": str(sock),
-                                          "RAYHORDE_STREAM_VOLUMES": str(volumes)})
+            node_ports_base=ports_base, node_id_file=str(node_id_file), log_path=str(home / "ray-node.log"),
+            node_ip=settings.ray_node_ip, cwd=str(node_cwd), sandbox_spec=jail,
+            extra_env={AGENT_SOCKET_ENV: str(sock), MODEL_CACHE_ENV: str(default_model_cache())})
         try:
-            node_id = wait_for_file(node_file, proc, timeout_s=60)["node_id"]
+            node_id = str(wait_for_file(node_id_file, proc, timeout_s=60)["node_id"])
+            # the pid comes from here, not from the node's file: a node's process must never name
+            # what the agent (root) stops when it restarts
+            node_file.write_text(json.dumps({"node_id": node_id, "pid": proc.pid}))
         except BaseException:
             ray_node.stop_process(proc)  # its group: a raylet or log monitor it started must not outlive it
             raise

@@ -45,11 +45,12 @@ from cluster.protocol.client_envelope import REQUEST_HEADER, SIGNATURE_HEADER, M
 from cluster.protocol.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, parse_job_half
 from cluster.protocol.keys import PublicKey
 from cluster.protocol.receipts import RECEIPT_HEADER, SSE_PREFIX, Receipt, miner_countersign
+from cluster.protocol.streams import FILE_NAME_PATTERN
 
 log = logging.getLogger("rayhorde.proxy")
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
 _POLL_S = 0.25  # how often an open stream looks whether its job was ended
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FILE_NAME = re.compile(FILE_NAME_PATTERN)
 
 
 @dataclass

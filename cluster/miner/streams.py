@@ -28,7 +28,7 @@ from cluster.miner.proxy import JobRoute, MinerProxy
 from cluster.miner.serving import BackgroundServer
 from cluster.errors import Refused, ServiceUnavailable
 from cluster.protocol.keys import PublicKey
-from cluster.protocol.streams import READY_KIND, StreamAssignment, StreamReady
+from cluster.protocol.streams import READY_KIND, StreamAssignment, StreamReady, VolumeRead
 
 log = logging.getLogger("rayhorde.agent")
 
@@ -46,6 +46,8 @@ class StreamKeeper:
         self.proxy_url = proxy_url
         self.serve_url = serve_url.rstrip("/")
         self.volumes_dir = volumes_dir
+        self.max_skew_s = max_skew_s
+        self.clock = time.time_ns
         self.ready_timeout_s = ready_timeout_s
         self.proxy = MinerProxy(hotkey, max_skew_s=max_skew_s, idle_timeout_s=idle_timeout_s,
                                 validator_hotkey=validator_hotkey, volumes_dir=volumes_dir,
@@ -78,6 +80,25 @@ class StreamKeeper:
                     self.known[job_id] = a
                     threading.Thread(target=self._announce, args=(a,), name=f"ready-{job_id[:8]}",
                                      daemon=True).start()
+
+    def read_volume(self, read: VolumeRead) -> bytes:
+        """A file of a ready job's volume, for a request its job key signed (the executor API's
+        ``/v1/stream-volume``); Refused names why not."""
+        job = self.proxy.jobs.get(read.job_id)
+        if job is None or job.ended is not None:
+            raise Refused("unknown_job", f"no open streaming job {read.job_id} on this miner", status_code=404)
+        if not job.job_key.verify(read.signed_bytes(), read.job_sig):
+            raise Refused("bad_signature", f"the volume read is not signed by job {read.job_id}'s key",
+                          status_code=403)
+        skew_s = abs(self.clock() - read.t_ns) / 1e9
+        if skew_s > self.max_skew_s:
+            raise Refused("stale", f"the volume read is {skew_s:.1f} s off this host's clock; max skew "
+                          f"{self.max_skew_s:g} s", status_code=403)
+        try:
+            return (self.volumes_dir / read.job_id / read.name).read_bytes()
+        except OSError as exc:
+            raise Refused("no_such_file", f"no file {read.name!r} in job {read.job_id}'s volume ({exc.strerror}): "
+                          "put it there first through the miner proxy", status_code=404) from None
 
     def node_lost(self) -> None:
         """Our Ray node died: every stream on it is gone. Close them all now (clients get an error

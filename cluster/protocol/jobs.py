@@ -20,6 +20,8 @@ from cluster.protocol.job_io import Upload, UploadResponse, Volume, check_volume
 # What a Ray driver reads to reach validator-core (``jobs.submit``); the Jobs gateway sets them
 VALIDATOR_URL_ENV = "RAYHORDE_VALIDATOR_URL"
 CAPABILITY_ENV = "RAYHORDE_CAPABILITY"  # a driver's scope, never the user's capability
+# What a miner's Ray node holds: the path of its agent's executor socket (tickets, stream volumes)
+AGENT_SOCKET_ENV = "RAYHORDE_AGENT_SOCKET"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 

@@ -6,16 +6,20 @@ validator-core and a miner agent. Times are Unix ns (``*_ns``), durations second
     agent  --heartbeat-->   validator-core  -> [StreamAssignment]  (the streams placed on it)
     agent  --StreamReady (signed by the miner hotkey)--> validator-core -> status streaming_ready
     client <--StreamView (with the signed readiness)-- validator-core
+    the app --VolumeRead (signed by the job key)--> the agent's executor socket -> the file's bytes
 """
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.protocol.canonical import canonical_bytes
 from cluster.protocol.jobs import Failure, JobStatus, StatusEvent
 from cluster.protocol.keys import PublicKey
 
 READY_KIND = "stream_ready"  # envelope kind of the readiness message
+VOLUME_READ_PATH = "/v1/stream-volume"  # on the agent's executor socket
+FILE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a file of a streaming job's volume
 
 
 class StreamSpec(BaseModel):
@@ -66,3 +70,19 @@ class StreamAssignment(BaseModel):
     client_keys: list[PublicKey]
     deadline_ns: int
     ready: bool = False  # validator-core already holds this job's readiness
+
+
+class VolumeRead(BaseModel):
+    """A streaming app asks its miner's agent for a file of its job's volume. Every Ray process of
+    the node runs as one user, so the volumes are kept where none of them can read: only a request
+    signed by the job's key (which never leaves the app, and which readiness bound to the job)
+    gets a job's file."""
+
+    model_config = ConfigDict(extra="forbid")
+    job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=FILE_NAME_PATTERN)
+    t_ns: int
+    job_sig: str = ""
+
+    def signed_bytes(self) -> bytes:
+        return canonical_bytes(self.model_dump(exclude={"job_sig"}))

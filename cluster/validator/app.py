@@ -222,7 +222,8 @@ def build_app(core: ValidatorCore, *, jobs_dashboard_url: str | None = None, ray
         mount_jobs_door(app, jobs_dashboard_url, ray_token=ray_token, authorize=core.capabilities.check,
                         owners=SubmissionOwners(core.engine, core.clock),
                         scope=lambda cap, sid: core.capabilities.scope(cap, submission_id=sid),
-                        validator_url=core.settings.url)
+                        validator_url=core.settings.url,
+                        ca_bundle=str(core.settings.ca_bundle_path) if core.settings.ca_bundle_path else None)
     return app
 
 

@@ -42,7 +42,7 @@ from starlette.background import BackgroundTask
 from starlette.websockets import WebSocketDisconnect
 
 from cluster.errors import Refused
-from cluster.protocol.http import error_body
+from cluster.protocol.http import CA_BUNDLE_ENV, error_body
 from cluster.protocol.jobs import CAPABILITY_ENV, VALIDATOR_URL_ENV
 from cluster.protocol.messages import Capability
 from cluster.validator import store as db
@@ -91,10 +91,12 @@ class SubmissionOwners:
 def mount_jobs_door(app: FastAPI, dashboard_url: str, *, ray_token: str,
                     authorize: Callable[[str | None], Capability], owners: SubmissionOwners,
                     scope: Callable[[Capability, str], str], validator_url: str | None = None,
-                    timeout_s: float = 120) -> None:
+                    ca_bundle: str | None = None, timeout_s: float = 120) -> None:
     """Serve the Jobs API of the dashboard at ``dashboard_url`` under ``/api`` on ``app``;
     ``authorize`` turns a bearer token into a capability or raises a refusal; ``scope(cap,
-    submission_id)`` mints the token the submission's driver gets instead of the capability."""
+    submission_id)`` mints the token the submission's driver gets instead of the capability.
+    Drivers reach validator-core at ``validator_url`` trusting ``ca_bundle``: a path on the head's
+    host (the one its sandbox shows), which replaces any bundle path the user's host named."""
     base = dashboard_url.rstrip("/")
     http = httpx.AsyncClient(base_url=base, timeout=timeout_s, headers={"Authorization": f"Bearer {ray_token}"})
 
@@ -180,6 +182,8 @@ def mount_jobs_door(app: FastAPI, dashboard_url: str, *, ray_token: str,
         env_vars.setdefault(CAPABILITY_ENV, scoped)
         if validator_url:
             env_vars.setdefault(VALIDATOR_URL_ENV, validator_url)
+        if ca_bundle:
+            env_vars[CA_BUNDLE_ENV] = ca_bundle
         body.update(submission_id=sid, runtime_env={**runtime_env, "env_vars": env_vars})
         resp = await _send("POST", path, request, json.dumps(body).encode())
         if isinstance(resp, JSONResponse) or resp.status_code >= 400:

@@ -52,9 +52,12 @@ def start_head(settings: ValidatorSettings, token: str):
     """The validator's public Ray head, on ``ray_node_ip`` with every port from ``ray_port_base``."""
     ports = HeadPorts.from_base(settings.ray_port_base)
     temp_dir = str(settings.ray_temp_dir or ray_node.short_tmp(settings.home, "head"))
+    # Jobs drivers run on the head and call validator-core back trusting this bundle
+    shown = [str(settings.ca_bundle_path)] if settings.ca_bundle_path else []
     head = ray_node.start_head(ports=ports, temp_dir=temp_dir, token=token, node_ip=settings.ray_node_ip,
                                num_cpus=settings.head_num_cpus, object_store_mb=settings.head_object_store_mb,
-                               log_path=str(settings.home / "logs" / "ray-head.log"))
+                               log_path=str(settings.home / "logs" / "ray-head.log"),
+                               sandbox_spec=ray_node.node_sandbox(settings.ray_user, temp_dir, read_only=shown))
     try:
         ray_node.wait_head_ready(ports, token, timeout_s=120)
     except BaseException:
@@ -81,7 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:  # one line: what is wrong and how to fix it
         sys.exit(f"validator-core: {exc}")
     token = read_or_create_secret(settings.token_path())
-    head = start_head(settings, token) if args.head else None
+    try:
+        head = start_head(settings, token) if args.head else None
+    except ConfigError as exc:  # e.g. ray_user unknown, or set while not root
+        sys.exit(f"validator-core: {exc}")
     try:
         core.start()
         log.info("validator %s on %s (db %s)", core.hotkey.ss58, settings.url, settings.resolved_db_url())

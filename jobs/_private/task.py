@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-AGENT_SOCKET_ENV = "RAYHORDE_AGENT_SOCKET"
+from cluster.protocol.jobs import AGENT_SOCKET_ENV
 _clients: dict[str, httpx.Client] = {}
 
 

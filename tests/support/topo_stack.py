@@ -34,6 +34,10 @@ MINER_URIS = {"miner1": "//Bob", "miner2": "//Charlie"}
 VALIDATOR_PORT, RAY_PORT_BASE, NODE_PORT_BASE, VERIFY_PORT_BASE = 8750, 30000, 31000, 24000
 STREAM_CLASS = "always_on.cpu.8c.16gb"  # only miner1 offers it: streams land there
 RAYHORDE = str(Path(sys.executable).with_name("rayhorde"))
+# Each host's Ray processes run sandboxed as a user of their own (cluster/fabric/sandbox.py): the
+# hosts share one kernel here, and one uid on two "hosts" would let them reach each other's
+# processes (/proc/<pid>/root, ptrace) where separate machines could not.
+RAY_USERS = {"validator": "61001:61001", "miner1": "61002:61002", "miner2": "61003:61003"}
 
 
 def toml(values: dict[str, Any]) -> str:
@@ -52,9 +56,10 @@ def toml(values: dict[str, Any]) -> str:
 
 class TopoStack:
     def __init__(self, topo: Topology, *, tls: bool = True, verification: bool = False,
-                 validator: dict[str, Any] | None = None) -> None:
+                 validator: dict[str, Any] | None = None, sandbox: bool = True) -> None:
         self.topo = topo
         self.tls = tls
+        self.sandbox = sandbox
         self.verification = verification
         self.validator_extra = validator or {}
         self.ca = make_ca(topo.root / "ca")
@@ -78,7 +83,11 @@ class TopoStack:
         cert, key = self.ca.issue(host.home / "tls", host.name, [host.ip])
         return {"tls_cert_path": str(cert), "tls_key_path": str(key), "ca_bundle_path": str(self.ca.cert_path)}
 
-    def _temp(self, name: str) -> str:
+    def _ray_user(self, name: str) -> dict[str, str]:
+        return {"ray_user": RAY_USERS[name]} if self.sandbox else {}
+
+    def ray_temp(self, name: str) -> str:
+        """The Ray temp dir of host ``name``'s node (the head's: ``head``)."""
         path = Path(f"/tmp/rh-{self.topo.tag}-{name}")
         if path not in self.temp_dirs:
             self.temp_dirs.append(path)
@@ -131,7 +140,7 @@ class TopoStack:
                "metagraph_path": str(self.metagraph), "firewall": "nftables",
                "users": [Hotkey.from_uri(USER_URI).ss58],
                "heartbeat_interval_s": 1, "heartbeat_timeout_s": 6, "head_num_cpus": 1,
-               "ray_temp_dir": self._temp("head"), **self._tls(v)}
+               "ray_temp_dir": self.ray_temp("head"), **self._tls(v), **self._ray_user("validator")}
         if self.verification:
             cfg.update(self._start_verification())
         cfg.update(self.validator_extra)
@@ -164,8 +173,8 @@ class TopoStack:
                "wallet_name": name, "validator_url": self.validator_url, "validator_hotkey": self.validator_hotkey,
                "executor_classes": classes, "node_port_base": NODE_PORT_BASE, "ray_node_ip": m.ip,
                "proxy_host": m.ip, "num_cpus": 1, "object_store_mb": 80,
-               "ray_temp_dir": self._temp(name), "docker_host": "unix:///run/rayhorde-docker.sock",
-               **self._tls(m), **extra}
+               "ray_temp_dir": self.ray_temp(name), "docker_host": "unix:///run/rayhorde-docker.sock",
+               **self._tls(m), **self._ray_user(name), **extra}
         path = m.home / "miner.toml"
         path.write_text(toml(cfg))
         return path

@@ -122,6 +122,31 @@ def terminate(url: str, cap: str, job_id: str) -> dict:
     return {"status": streams.get(job_id).terminate().status.value}
 
 
+def echo_volume(url: str, cap: str, executor_class: str, name: str, content: str) -> dict:
+    """An echo stream with a file sent into its volume through the miner's proxy and read back
+    by the app (which asks its agent, signed by its job key); the stream stays open."""
+    from serve_apps import SigningKey, StreamSpec, Streams
+
+    key = SigningKey()
+    job = Streams(url, cap).deploy(StreamSpec(app="echo", version="1", client_keys=[key.public],
+                                              executor_class=executor_class))
+    job.wait_ready(timeout_s=180)
+    job.put_file(key, name, content.encode())
+    read = json.loads(job.call(key, "/volume", json.dumps({"name": name}).encode()).content)
+    return {"job_id": job.job_id, "miner": job.view.miner_hotkey, "read": read["content"]}
+
+
+def entrypoint(url: str, cap: str, script: str, *args: str) -> dict:
+    """Stock ``ray job submit`` through the Jobs gateway running ``python -c script args``; the
+    entrypoint's last stdout line that is JSON (``ray job submit`` tails the logs)."""
+    out = subprocess.run([RAY, "job", "submit", "--address", url, "--verify", os.environ["RAYHORDE_CA_BUNDLE"],
+                          "--", "python", "-c", script, *args], env=_ray_env(cap), capture_output=True, text=True,
+                         timeout=300)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    return {"rc": out.returncode, "answer": json.loads(lines[-1]) if lines else None,
+            "stdout": out.stdout[-3000:], "stderr": out.stderr[-2000:]}
+
+
 def echo_bench(url: str, cap: str, requests: str, concurrency: str) -> dict:
     """Latency and throughput of the echo app through the miner's proxy, from this host."""
     from serve_apps import SigningKey, StreamSpec, Streams
@@ -145,7 +170,8 @@ def echo_bench(url: str, cap: str, requests: str, concurrency: str) -> dict:
     return {"p50_s": statistics.median(lat), "tput_rps": tput, "miner": job.view.miner_hotkey}
 
 
-STEPS = {f.__name__: f for f in (health, untrusted, capability, hello, submit, llm, terminate, echo_bench)}
+STEPS = {f.__name__: f for f in (health, untrusted, capability, hello, submit, llm, terminate, echo_bench,
+                                 echo_volume, entrypoint)}
 
 if __name__ == "__main__":
     step, url, *args = sys.argv[1:]

@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from cluster.chain.local import LocalChain
+from cluster.devstack.certs import make_ca
 from cluster.miner.serving import BackgroundServer
 from cluster.protocol.envelope import SignedEnvelope, seal
 from cluster.protocol.identity import Hotkey
@@ -66,7 +67,7 @@ def gateway(tmp_path_factory):
     shutil.copy(config_path("metagraph.local.json"), root / "metagraph.json")
     dport, vport = free_port(), free_port()
     settings = ValidatorSettings(home=root, wallet_path=root, db_url=f"sqlite:///{root / 'v.db'}", deploy_streams=False,
-                                 host="127.0.0.1", port=vport,
+                                 host="127.0.0.1", port=vport, ca_bundle_path=make_ca(root / "ca").cert_path,
                                  metagraph_path=root / "metagraph.json", users=[DAVE.ss58, EVE.ss58])
     core = ValidatorCore(settings, hotkey=ALICE, chain=LocalChain(settings.metagraph_path), ray_token=RAY_TOKEN)
     caps = {u: core.capabilities.issue(seal(u, "capability_request", CapabilityRequest(
@@ -188,13 +189,16 @@ def test_the_driver_gets_a_scope_of_its_own_never_the_capability(gateway):
     hits.clear()
     r = httpx.post(f"{url}/api/jobs/", headers=_as(caps["dave"]), json={
         "entrypoint": "python hello.py", "runtime_env": {"env_vars": {"RAYHORDE_CAPABILITY": caps["dave"],
-                                                                      "MINE": "kept"}}})
+                                                                      "MINE": "kept",
+                                                                      "RAYHORDE_CA_BUNDLE": "/home/dave/ca.pem"}}})
     assert r.status_code == 200, r.text
     sid = r.json()["submission_id"]
     [(_, _, _, body)] = [h for h in hits if h[1] == "/api/jobs/"]
     assert caps["dave"].encode() not in body  # not in what Ray stores, where every member reads it
     env = json.loads(body)["runtime_env"]["env_vars"]
     assert env["MINE"] == "kept" and env["RAYHORDE_VALIDATOR_URL"] == url  # set for the driver when unset
+    # the driver runs on the head: it trusts the head's CA bundle (shown in its sandbox), not a user's path
+    assert env["RAYHORDE_CA_BUNDLE"].endswith("/gateway0/ca/ca.crt")  # validator-core's ca_bundle_path
     scope = _scope_of(env["RAYHORDE_CAPABILITY"])
     assert (scope.scope, scope.submission_id, scope.user) == ("submission", sid, DAVE.ss58)
     # with no runtime env at all, the driver still gets both
