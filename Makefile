@@ -48,7 +48,7 @@ test-unit: $(VENV)/.installed
 DETECTION_HONEST ?= 200
 bench: $(VENV)/.installed
 	@started=0; $(ENGINE) running || started=1; \
-	$(TOOLS) && $(ENGINE) start && $(ENGINE) image && $(PY) -m benchmarks && \
+	$(TOOLS) && $(ENGINE) start && $(ENGINE) image && $(PY) -m benchmarks && $(PY) -m benchmarks.soak && \
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.detection --honest $(DETECTION_HONEST) && \
 	$(PY) -m benchmarks.topology && $(PY) -m benchmarks.ray_tls; rc=$$?; \
 	if [ $$started = 1 ]; then $(ENGINE) stop; fi; exit $$rc

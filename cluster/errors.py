@@ -6,7 +6,8 @@
     │   │   └── InvalidImageReference  an image reference Docker's grammar does not accept
     │   ├── ConfigError            a settings file, wallet or metagraph is missing or malformed
     │   ├── BadRequest             the LLM app refuses a request it cannot answer verifiably (OpenAI error)
-    │   └── PrivateAddress         a job's URL leads to a loopback / private address, which miners refuse
+    │   ├── PrivateAddress         a job's URL leads to a loopback / private address, which miners refuse
+    │   └── BodyTooLarge           a request body passed the door's size limit (answered 413 before more is read)
     └── ExternalError              something outside the caller failed or said no
         ├── Refused                a peer refused a request; ``reason`` is a stable code
         │   ├── SignatureRejected  bad / missing signature, wrong signer, replay, stale clock
@@ -18,6 +19,7 @@
         │   └── ImageDenied        validator-core's image allow/deny policy refuses the job's image
         ├── ReceiptInvalid         a streaming receipt failed a check; ``check`` names it
         ├── ClaimRejected          a miner's answer cannot be verified as sent (malformed, unbound); ``reason``
+        ├── CollectionFailed       a miner's proxy broke the receipts protocol or its budget; ``reason``
         ├── ProofInvalid           an exported verification proof failed a check; ``check`` names it
         ├── VerifierExiting        a warm verifier was closing when a batch reached it: use a fresh one
         ├── ServiceUnavailable     a service did not answer (down, timed out, connection refused)
@@ -68,6 +70,14 @@ class BadRequest(UsageError):
         self.message, self.param, self.code, self.status, self.type = message, param, code, status, type_
 
 
+class BodyTooLarge(UsageError):
+    """A request body passed its door's size limit; raised while it is read, so no more of it is."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        super().__init__(f"{what}; this endpoint takes at most {limit} bytes (send less, or split it)")
+        self.limit = limit
+
+
 class ExternalError(RayhordeError):
     """Something outside the caller failed or refused."""
 
@@ -75,11 +85,13 @@ class ExternalError(RayhordeError):
 class Refused(ExternalError):
     """A peer refused a request. ``reason`` is a stable machine-readable code."""
 
-    def __init__(self, reason: str, message: str, *, status_code: int | None = None) -> None:
+    def __init__(self, reason: str, message: str, *, status_code: int | None = None,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
         self.status_code = status_code
+        self.retry_after_s = retry_after_s  # a door answers it as Retry-After (429, 503)
 
 
 class SignatureRejected(Refused):
@@ -227,6 +239,21 @@ class ClaimRejected(ExternalError):
     def __init__(self, reason: str, message: str, position: int | None = None) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason, self.message, self.position = reason, message, position
+
+
+class CollectionFailed(ExternalError):
+    """A miner's proxy answered a receipts pull with a page that breaks the protocol (not an
+    object of typed receipts, more than asked, ``seq`` that does not advance, a request id seen
+    before) or its budget (bytes, time). ``reason`` is one of ``REASONS``, ``page`` the page of
+    the pass (1 = the first); validator-core charges the miner a ``collection_failed`` incident."""
+
+    REASONS = ("malformed_page", "page_too_long", "seq_not_advancing", "duplicate_request_id", "over_byte_budget",
+               "over_time_budget")
+
+    def __init__(self, reason: str, message: str, *, page: int = 1) -> None:
+        assert reason in self.REASONS, reason
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.message, self.page = reason, message, page
 
 
 class ProofInvalid(ExternalError):

@@ -31,7 +31,7 @@ def default_home() -> Path:
 
 
 class ExecutorClass(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     description: str = ""
     memory_mb: int = Field(gt=0)
     cpus_milli: int = Field(gt=0)
@@ -72,7 +72,7 @@ def load_executor_classes(path: str | Path) -> dict[str, ExecutorClass]:
 
 
 class ValidatorSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     netuid: int = 12
     home: Path = Field(default_factory=lambda: default_home() / "validator")
     # the validator's hotkey, bittensor's layout: <wallet_path>/<wallet_name>/hotkeys/<wallet_hotkey>
@@ -110,6 +110,19 @@ class ValidatorSettings(BaseModel):
     incident_penalty_s: float = Field(ge=0, default=600)  # a charged incident lowers a miner's priority this long
     unreachable_free: int = Field(ge=0, default=5)  # work lost to a silent miner is not charged this often per penalty window
     sweep_interval_s: float = Field(gt=0, default=1)
+    # What one client can put on validator-core (validator/limits.py): bodies over max_body_bytes are
+    # refused (413) before more is read; job specs (inline volumes), job results (artifacts, logs) and
+    # the Jobs gateway's working-dir uploads have their own limits. The endpoints anyone may call take
+    # public_rate_per_s per address; a capability holds at most long_polls_per_capability long-polls
+    # open; heartbeats have heartbeat_threads of their own.
+    max_body_bytes: int = Field(gt=0, default=512 * 2**10)
+    max_spec_bytes: int = Field(gt=0, default=16 * 2**20)
+    max_result_bytes: int = Field(gt=0, default=32 * 2**20)
+    max_package_bytes: int = Field(gt=0, default=512 * 2**20)
+    public_rate_per_s: float = Field(gt=0, default=5)
+    public_burst: int = Field(gt=0, default=20)
+    long_polls_per_capability: int = Field(gt=0, default=8)
+    heartbeat_threads: int = Field(gt=0, default=4)
     # A node_lost report counts as a fabric incident only if Ray's GCS also declares the node dead
     # within this long (checked every sweep); still ALIVE after it: charged (node_lost_but_alive).
     # Ray's health check declares a killed node dead after 5 failed checks 3 s apart (~15 s): keep above.
@@ -153,6 +166,19 @@ class ValidatorSettings(BaseModel):
     verify_probe_timeout_s: float = Field(gt=0, default=120)
     verify_keep_warm_s: float = Field(ge=0, default=120)  # the verifier actor waits this long for the next batch
     verify_drain_s: float = Field(ge=0, default=120)  # keep pulling an ended job's receipts this long
+    # Receipt collection (validator/verification.py), per stream and pass: pages of collect_page_limit
+    # answers, for at most collect_budget_s and collect_max_bytes, whatever the proxy sends; a page it
+    # could not finish with the whole budget, or that breaks the protocol, is a charged collection_failed
+    # incident (the stream is then not pulled for incident_penalty_s). collect_workers streams are pulled
+    # at once. A page of honest answers must fit: a request is at most the miners' stream_request_max_kb
+    # (base64 on the page: x 4/3), an LLM answer's SSE body ~250 bytes a token.
+    collect_page_limit: int = Field(gt=0, le=1000, default=50)
+    collect_budget_s: float = Field(gt=0, default=60)
+    collect_max_bytes: int = Field(gt=0, default=256 * 2**20)
+    collect_workers: int = Field(gt=0, default=4)
+    # A proxy keeps answers in the order they finish, the job numbers them as it signs: under load seq
+    # n+1 may be kept a moment before n. A hole is a chain_gap once it has stayed open this long.
+    collect_gap_grace_s: float = Field(ge=0, default=30)
     verification_ban_s: float = Field(ge=0, default=3600)  # a failed verification bans the miner this long
     verification_address: str | None = None  # GCS address of the private verification cluster; None: off
     verification_token_path: Path | None = None  # its Ray token (a cluster of its own: not the public one's)
@@ -191,7 +217,7 @@ class ValidatorSettings(BaseModel):
 
 
 class MinerSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = "miner"
     home: Path = Field(default_factory=lambda: default_home() / "miner")
     # the miner's hotkey, bittensor's layout: <wallet_path>/<wallet_name>/hotkeys/<wallet_hotkey>
@@ -212,6 +238,7 @@ class MinerSettings(BaseModel):
     ca_bundle_path: Path | None = None
     stream_idle_timeout_s: float = Field(gt=0, default=10)  # a stream that sends nothing this long is ended
     stream_volume_max_mb: int = Field(gt=0, default=64)  # a file sent to a streaming job
+    stream_request_max_kb: int = Field(gt=0, default=1024)  # a request body to a streaming job (413 beyond)
     num_cpus: int = Field(ge=0, default=1)
     object_store_mb: int = Field(ge=50, default=80)
     node_port_base: int = 0  # 0: pick free ports

@@ -98,7 +98,8 @@ def scores(home: str | None, validator_url: str | None, closed: int) -> None:
         click.echo(f"cycle {c['cycle']} ({head}; {body['cycle_s']:g} s)")
         for m in c["miners"]:
             weight = c["weights"].get(str(m["uid"]), 0) if m["uid"] is not None else "-"
-            void = "  VOIDED (failed verification)" if m["stream_voided"] else ""
+            failed = " and ".join(what for what in ("verification", "collection") if m.get(f"{what}_failures"))
+            void = f"  VOIDED (failed {failed or 'verification'})" if m["stream_voided"] else ""
             click.echo(f"  uid {m['uid']!s:>4}  {m['hotkey'][:12]}...  score {m['score']:9.1f} s  organic "
                        f"{m['organic_jobs']} jobs {m['organic_executor_s']:.1f} s  streams {m['stream_executor_s']:.1f} s "
                        f"{m['stream_answers']} answers  weight {weight}{void}")

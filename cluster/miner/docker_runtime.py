@@ -14,6 +14,7 @@ docker's ``device_requests`` and only after :func:`check_gpu_support` passes.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -121,7 +122,7 @@ class DockerRuntime(ContainerRuntime):
                 mem_limit=f"{run.memory_mb}m", memswap_limit=f"{run.memory_mb}m",  # no swap escape
                 nano_cpus=run.cpus_milli * 1_000_000, pids_limit=run.pids,
                 tmpfs={"/tmp": f"size={run.tmp_mb}m,mode=1777"},
-                volumes=mounts, detach=True, **gpu,
+                volumes=mounts, detach=True, log_config=disk_log_config(run.log_max_bytes), **gpu,
             )
         except docker.errors.APIError as exc:
             raise EngineError(f"could not create the container: {exc.explanation or exc}") from exc
@@ -152,8 +153,9 @@ class DockerRuntime(ContainerRuntime):
             finished_ns = time.time_ns()
             container.reload()
             oom = bool(container.attrs["State"].get("OOMKilled"))
-            stdout, out_cut = _capped(container.logs(stdout=True, stderr=False), run.log_max_bytes)
-            stderr, err_cut = _capped(container.logs(stdout=False, stderr=True), run.log_max_bytes)
+            rotated = _rotated(container.attrs.get("LogPath") or "")
+            stdout, out_cut = _log_of(container, run.log_max_bytes, stdout=True, rotated=rotated)
+            stderr, err_cut = _log_of(container, run.log_max_bytes, stdout=False, rotated=rotated)
             return ContainerOutcome(exit_code=exit_code, oom_killed=oom, timed_out=timed_out, stdout=stdout,
                                     stderr=stderr, stdout_truncated=out_cut, stderr_truncated=err_cut,
                                     started_ns=started_ns, finished_ns=finished_ns)
@@ -301,10 +303,41 @@ def pull_error(image: str, ref: Reference, text: str) -> ImagePullFailed:
     return ImagePullFailed("image_pull_failed", f"pulling {image} from {registry} failed: {text}")
 
 
-def _capped(data: bytes, cap: int) -> tuple[str, bool]:
-    """Keep the head and the tail when over ``cap`` bytes: errors usually sit at the end."""
-    if len(data) <= cap:
-        return data.decode("utf-8", "replace"), False
+def disk_log_config(log_max_bytes: int) -> docker.types.LogConfig:
+    """The engine's json-file log, capped on the miner's disk: two files of half the cap each (the
+    engine rotates them), so a job that prints without pause holds at most about ``log_max_bytes``
+    (plus the json framing of each line) however long it runs, and its last output is kept."""
+    half = max(log_max_bytes // 2, 4096)
+    return docker.types.LogConfig(type=docker.types.LogConfig.types.JSON, config={"max-size": str(half),
+                                                                                  "max-file": "2"})
+
+
+def _rotated(log_path: str) -> bool:
+    """Whether the engine rotated the container's log away (its earliest output is gone). The
+    agent shares the engine's host; elsewhere this reads False and the cut is not marked."""
+    return bool(log_path) and os.path.exists(log_path + ".1")
+
+
+def _log_of(container: Any, cap: int, *, stdout: bool, rotated: bool) -> tuple[str, bool]:
+    """One stream of the container's log, read with at most ``cap`` bytes in memory whatever the
+    engine sends: the first and the last ``cap / 2`` (errors usually sit at the end), with what
+    was cut between them counted. A log the engine rotated lost its earliest output on the disk
+    already: that is said first, and it counts as truncated."""
     half = cap // 2
-    marker = f"\n[... {len(data) - 2 * half} bytes cut ...]\n".encode()
-    return (data[:half] + marker + data[-half:]).decode("utf-8", "replace"), True
+    head, tail, total = bytearray(), bytearray(), 0
+    for chunk in container.logs(stdout=stdout, stderr=not stdout, stream=True):
+        total += len(chunk)
+        if len(head) < half:
+            take = chunk[:half - len(head)]
+            head += take
+            chunk = chunk[len(take):]
+        tail += chunk
+        if len(tail) > cap - len(head):
+            del tail[:len(tail) - max(cap - len(head), half)]
+    lead = b"[... earlier output rotated away on the miner's disk ...]\n" if rotated else b""
+    if total <= cap:
+        return (lead + head + tail).decode("utf-8", "replace"), rotated
+    if len(tail) > half:
+        del tail[:len(tail) - half]
+    marker = f"\n[... {total - len(head) - len(tail)} bytes cut ...]\n".encode()
+    return (lead + head + marker + tail).decode("utf-8", "replace"), True

@@ -19,11 +19,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
 from cluster.miner.agent import AgentCore
 from cluster.miner.serving import BackgroundServer
 from cluster.errors import ExternalError, Refused
-from cluster.protocol.http import error_body
+from cluster.protocol.http import error_body, framework_error_body
 from cluster.protocol.streams import VOLUME_READ_PATH, VolumeRead
 
 log = logging.getLogger("rayhorde.agent")
@@ -36,7 +37,13 @@ class Poke(BaseModel):
 
 def build_executor_app(core: AgentCore, volumes: Callable[[VolumeRead], bytes] | None = None) -> FastAPI:
     """``volumes`` answers a signed volume read (``StreamKeeper.read_volume``) or raises Refused."""
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)  # no 307s: 404s
+
+    @app.exception_handler(HTTPException)  # the framework's own: no route, wrong method, a body that is no JSON
+    async def _framework(request: Request, exc: HTTPException) -> JSONResponse:
+        body = framework_error_body(exc.status_code, exc.detail, method=request.method, path=request.url.path,
+                                    allow=(exc.headers or {}).get("Allow"))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _malformed(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                           proxy_url=proxy_url, serve_url=f"http://127.0.0.1:{accepted.serve_http_port}",
                           volumes_dir=volumes, idle_timeout_s=settings.stream_idle_timeout_s,
                           max_skew_s=settings.max_clock_skew_s, volume_max_bytes=settings.stream_volume_max_mb * 2**20,
+                          request_max_bytes=settings.stream_request_max_kb * 1024,
+                          receipts_path=settings.home / "receipts.db",  # kept across restarts, till pulled
                           proxy_host=settings.proxy_host, tls_cert_path=settings.tls_cert_path,
                           tls_key_path=settings.tls_key_path)
     keeper.start()

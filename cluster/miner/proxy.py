@@ -1,8 +1,9 @@
 """The miner proxy: the only public door to a miner's streaming jobs (each node's Serve proxy
 binds to loopback), and where every answer gets its receipt.
 
-For every request it checks the client envelope (its own nonce store: a replay is refused here
-before it costs the job anything), forwards the exact bytes to the job's route on the local
+For every request it checks the client envelope from the headers before it reads the body (an
+unsigned or replayed request is refused having cost no read; its own nonce store refuses a replay
+before it costs the job anything), reads the body only up to its limit (413 beyond), forwards the exact bytes to the job's route on the local
 Serve proxy (loopback), checks that the job's half of the receipt binds the bytes it is about
 to return, counter-signs with the miner hotkey and attaches the receipt: a header for buffered
 answers, a final ``: receipt <base64>`` SSE comment line for streamed ones. Receipts and both
@@ -14,7 +15,10 @@ ends a job (terminated, time limit, its Ray node died) its open streams end with
 Other doors, all checked with the same client envelope: ``PUT /jobs/<id>/volume/<name>`` puts a
 file into the job's volume (the client never reaches the job's node directly), and
 ``GET /jobs/<id>/receipts?after_seq=N&limit=M`` gives validators pages of receipts and bodies
-(``Authorization: Rayhorde <validator-signed receipts_pull envelope>``).
+(``Authorization: Rayhorde <validator-signed receipts_pull envelope>``) out of the
+:class:`~cluster.miner.receipt_book.ReceiptBook`: on disk beside the agent, so a restart loses
+none, and a streamed answer is read to its end even when its client left first (the ``openai``
+client closes at ``data: [DONE]``), so its receipt is kept too.
 """
 
 from __future__ import annotations
@@ -27,25 +31,29 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from cluster.protocol.envelope import SignedEnvelope, open_envelope
-from cluster.protocol.http import error_body
+from cluster.protocol.http import error_body, framework_error_body
 from cluster.protocol.identity import Hotkey
 from cluster.protocol.messages import ReceiptsPull
 from cluster.errors import Refused
-from cluster.protocol.client_envelope import REQUEST_HEADER, SIGNATURE_HEADER, MemoryNonces, check_request
+from cluster.protocol.client_envelope import (
+    REQUEST_HEADER, SIGNATURE_HEADER, MemoryNonces, check_body, check_request,
+)
 from cluster.protocol.job_side import JOB_RECEIPT_HEADER, SSE_JOB_PREFIX, parse_job_half
 from cluster.protocol.keys import PublicKey
 from cluster.protocol.receipts import RECEIPT_HEADER, SSE_PREFIX, Receipt, miner_countersign
 from cluster.protocol.streams import FILE_NAME_PATTERN
+from cluster.miner.receipt_book import ReceiptBook
 
 log = logging.getLogger("rayhorde.proxy")
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "accept-encoding"}
@@ -59,15 +67,19 @@ class JobRoute:
     upstream: str  # e.g. http://127.0.0.1:<serve port>: the job's route lives at /jobs/<job_id>
     client_keys: list[PublicKey]
     job_key: PublicKey
-    receipts: dict[str, dict] = field(default_factory=dict)  # request_id -> receipt + bodies
     ended: str | None = None  # why the job ended (open streams stop, new requests are refused)
 
 
 class MinerProxy:
     def __init__(self, miner: Hotkey, *, max_skew_s: float = 5, idle_timeout_s: float = 10,
                  validator_hotkey: str | None = None, volumes_dir: Path | None = None,
-                 volume_max_bytes: int = 64 * 2**20) -> None:
+                 volume_max_bytes: int = 64 * 2**20, request_max_bytes: int = 2**20,
+                 book: ReceiptBook | None = None) -> None:
+        """``book``: where answers are kept until the validator pulled them (default: in memory,
+        lost with the process; the agent keeps them on disk)."""
         self.miner = miner
+        self.book = book or ReceiptBook(":memory:")
+        self.request_max_bytes = request_max_bytes
         self.max_skew_s = max_skew_s
         self.idle_timeout_s = idle_timeout_s
         self.validator_hotkey = validator_hotkey
@@ -76,12 +88,14 @@ class MinerProxy:
         self.jobs: dict[str, JobRoute] = {}
         self.nonces = MemoryNonces(keep_s=4 * max_skew_s + 60)
         self._session: aiohttp.ClientSession | None = None  # made in the server's event loop
+        self._pumps: set[asyncio.Future] = set()  # streams read to their end, client or not
         self.app = Starlette(routes=[
             Route("/jobs/{job_id}/receipts", self.receipts_page, methods=["GET"]),
             Route("/jobs/{job_id}/receipts/{request_id}", self.receipt, methods=["GET"]),
             Route("/jobs/{job_id}/volume/{name}", self.put_file, methods=["PUT"]),
             Route("/jobs/{job_id}/{rest:path}", self.forward, methods=["GET", "POST"]),
-        ], lifespan=self._lifespan)
+        ], lifespan=self._lifespan, exception_handlers={HTTPException: _framework_error})
+        self.app.router.redirect_slashes = False  # a path this door does not serve is a 404, never a redirect
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app):
@@ -133,16 +147,11 @@ class MinerProxy:
             if not _FILE_NAME.match(name):
                 raise Refused("bad_file_name", f"file name {name[:80]!r} must match {_FILE_NAME.pattern}",
                               status_code=400)
-            size = int(request.headers.get("content-length") or 0)
-            if size > self.volume_max_bytes:
-                raise Refused("file_too_large", f"{size} bytes; this miner takes files up to "
-                              f"{self.volume_max_bytes} bytes", status_code=413)
-            body = await request.body()
-            if len(body) > self.volume_max_bytes:
-                raise Refused("file_too_large", f"{len(body)} bytes; this miner takes files up to "
-                              f"{self.volume_max_bytes} bytes", status_code=413)
-            check_request(request.headers, body, method="PUT", path=request.url.path, job_id=job.job_id,
-                          client_keys=job.client_keys, nonces=self.nonces, max_skew_s=self.max_skew_s)
+            _length_within(request, self.volume_max_bytes, "file_too_large", "files")
+            env = check_request(request.headers, None, method="PUT", path=request.url.path, job_id=job.job_id,
+                                client_keys=job.client_keys, nonces=self.nonces, max_skew_s=self.max_skew_s)
+            body = await _read_within(request, self.volume_max_bytes, "file_too_large", "files")
+            check_body(env, body)
         except Refused as exc:
             return _error(exc.reason, exc.message, exc.status_code or 403)
         folder = self.volumes_dir / job.job_id
@@ -169,30 +178,34 @@ class MinerProxy:
             return _error(exc.reason, exc.message, exc.status_code or 403)
         except ValueError as exc:
             return _error("malformed", f"not a receipts_pull envelope: {exc}", 400)
-        job = self.jobs.get(request.path_params["job_id"])
-        if job is None or pull.job_id != job.job_id:
+        job_id = request.path_params["job_id"]
+        if pull.job_id != job_id or (job_id not in self.jobs and self.book.count(job_id) == 0):
             return _error("not_found", "no such job on this miner, or the envelope names another", 404)
-        kept = sorted(job.receipts.values(), key=lambda k: k["receipt"]["body"]["seq"])
-        page = [k for k in kept if k["receipt"]["body"]["seq"] > pull.after_seq][:pull.limit]
+        page = await asyncio.to_thread(self.book.page, job_id, after_seq=pull.after_seq, limit=pull.limit)
         b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
-        return JSONResponse({"job_id": job.job_id, "receipts": [
+        return JSONResponse({"job_id": job_id, "receipts": [
             {"receipt": k["receipt"], "request_b64": b64(k["request"]), "response_b64": b64(k["response"]),
              "envelope_b64": b64(k["envelope"]), "client_sig": k["client_sig"]} for k in page]})
 
     async def receipt(self, request: Request) -> Response:
-        job = self.jobs.get(request.path_params["job_id"])
-        kept = job.receipts.get(request.path_params["request_id"]) if job else None
+        kept = await asyncio.to_thread(self.book.receipt, request.path_params["job_id"],
+                                       request.path_params["request_id"])
         if kept is None:
             return _error("not_found", "no such receipt", 404)
-        return JSONResponse(kept["receipt"])
+        return JSONResponse(kept)
 
     async def forward(self, request: Request) -> Response:
-        body = await request.body()
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        try:
+        try:  # the signature before the body: an unsigned request costs this miner no read
             job = self._job(request.path_params["job_id"])
-            env = check_request(request.headers, body, method=request.method, path=path, job_id=job.job_id,
+            if request.path_params["rest"].startswith("-/"):  # the app's own routes (its key): the agent's, not a client's
+                raise Refused("not_found", f"{request.url.path[:200]} is not served through the miner proxy",
+                              status_code=404)
+            _length_within(request, self.request_max_bytes, "body_too_large", "request bodies")
+            env = check_request(request.headers, None, method=request.method, path=path, job_id=job.job_id,
                                 client_keys=job.client_keys, nonces=self.nonces, max_skew_s=self.max_skew_s)
+            body = await _read_within(request, self.request_max_bytes, "body_too_large", "request bodies")
+            check_body(env, body)
         except Refused as exc:
             return _error(exc.reason, exc.message, exc.status_code or 403)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
@@ -214,12 +227,26 @@ class MinerProxy:
                 receipt = self._countersign(job, resp.headers[JOB_RECEIPT_HEADER], env.request_id, out)
             except (KeyError, ValueError) as exc:
                 return _error("receipt_failed", f"the job's receipt does not bind its answer: {exc}", 502)
-            self._keep(job, env.request_id, receipt, body, out, request.headers)
+            await self._keep(job, env.request_id, receipt, body, out, request.headers)
             return Response(out, resp.status, media_type=ctype or None, headers={RECEIPT_HEADER: receipt.to_b64()})
         return StreamingResponse(self._stream(job, resp, env.request_id, body, request.headers),
                                  media_type="text/event-stream")
 
     async def _stream(self, job: JobRoute, resp: aiohttp.ClientResponse, request_id: str, body: bytes, headers):
+        """The client's side of a streamed answer. The upstream is read by a task of its own to its
+        end, so a client that goes away early (the ``openai`` client closes at ``data: [DONE]``,
+        before the receipt event) still leaves its answer's receipt kept: no chain gap for an
+        honest miner."""
+        out: asyncio.Queue[bytes | None] = asyncio.Queue()  # bounded by the answer's own size
+        pump = asyncio.ensure_future(self._relay(job, resp, request_id, body, headers, out.put_nowait))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        while (event := await out.get()) is not None:
+            yield event
+
+    async def _relay(self, job: JobRoute, resp: aiohttp.ClientResponse, request_id: str, body: bytes, headers,
+                     emit) -> None:
+        """Read the job's stream to its end, handing each whole event to ``emit`` (then None)."""
         sent = bytearray()
         buf = b""
         chunks = resp.content.iter_any()
@@ -232,12 +259,12 @@ class MinerProxy:
                     await asyncio.wait({nxt}, timeout=_POLL_S)
                     idle += _POLL_S
                     if job.ended is not None and not nxt.done():
-                        yield _error_event("job_ended", f"the streaming job ended: {job.ended}")
+                        emit(_error_event("job_ended", f"the streaming job ended: {job.ended}"))
                         return
                     if idle >= self.idle_timeout_s and not nxt.done():
                         log.warning("stream %s idle for %.1f s: closing it", request_id, self.idle_timeout_s)
-                        yield _error_event("idle_timeout", f"the job sent nothing for {self.idle_timeout_s:g} s "
-                                           "(idle timeout)")
+                        emit(_error_event("idle_timeout", f"the job sent nothing for {self.idle_timeout_s:g} s "
+                                          "(idle timeout)"))
                         return
                 try:
                     chunk = nxt.result()
@@ -251,20 +278,21 @@ class MinerProxy:
                     if event.startswith(SSE_JOB_PREFIX):
                         receipt = self._countersign(job, event[len(SSE_JOB_PREFIX):].strip(), request_id,
                                                     bytes(sent))
-                        self._keep(job, request_id, receipt, body, bytes(sent), headers)
-                        yield SSE_PREFIX + receipt.to_b64().encode() + b"\n\n"
+                        await self._keep(job, request_id, receipt, body, bytes(sent), headers)
+                        emit(SSE_PREFIX + receipt.to_b64().encode() + b"\n\n")
                         return
                     sent += event
-                    yield event
-            yield _error_event("no_receipt", "the job ended the stream without a receipt")
+                    emit(event)
+            emit(_error_event("no_receipt", "the job ended the stream without a receipt"))
         except asyncio.TimeoutError:  # aiohttp's own read timeout (sock_read = the idle timeout)
-            yield _error_event("idle_timeout", f"the job sent nothing for {self.idle_timeout_s:g} s (idle timeout)")
+            emit(_error_event("idle_timeout", f"the job sent nothing for {self.idle_timeout_s:g} s (idle timeout)"))
         except (aiohttp.ClientError, ValueError) as exc:
-            yield _error_event("job_unreachable", f"the stream from the job failed: {exc!r}")
+            emit(_error_event("job_unreachable", f"the stream from the job failed: {exc!r}"))
         finally:
             if nxt is not None and not nxt.done():
                 nxt.cancel()
             resp.release()
+            emit(None)
 
     def _countersign(self, job: JobRoute, half_b64, request_id: str, out: bytes) -> Receipt:
         body, job_sig = parse_job_half(half_b64)
@@ -277,13 +305,41 @@ class MinerProxy:
             raise ValueError("job signature does not verify")
         return miner_countersign(self.miner, body, job_sig)
 
-    def _keep(self, job: JobRoute, request_id: str, receipt: Receipt, body: bytes, out: bytes, headers) -> None:
-        """Everything a validator needs to check the answer without trusting this miner: the
-        client-signed envelope (its sha256 is the request id and the sampling key), both bodies
-        and the receipt."""
-        job.receipts[request_id] = {"receipt": receipt.model_dump(mode="json"), "request": body, "response": out,
-                                    "envelope": base64.b64decode(headers[REQUEST_HEADER]),
-                                    "client_sig": headers[SIGNATURE_HEADER]}
+    async def _keep(self, job: JobRoute, request_id: str, receipt: Receipt, body: bytes, out: bytes,
+                    headers) -> None:
+        """Everything a validator needs to check the answer without trusting this miner, in the
+        book on disk: the client-signed envelope (its sha256 is the request id and the sampling
+        key), both bodies and the receipt."""
+        await asyncio.to_thread(self.book.keep, job.job_id, request_id, receipt=receipt.model_dump(mode="json"),
+                                request=body, response=out, envelope=base64.b64decode(headers[REQUEST_HEADER]),
+                                client_sig=headers[SIGNATURE_HEADER])
+
+
+def _length_within(request: Request, limit: int, reason: str, what: str) -> None:
+    """Refuse (413) a declared ``Content-Length`` over ``limit`` before anything is read."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise Refused(reason, f"Content-Length {length[:32]}; this miner takes {what} up to {limit} bytes",
+                      status_code=413)
+
+
+async def _read_within(request: Request, limit: int, reason: str, what: str) -> bytes:
+    """The body, read only while it stays within ``limit`` (a chunked body may declare no length)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(reason, f"more than {limit} bytes sent; this miner takes {what} up to {limit} bytes",
+                          status_code=413)
+    return bytes(body)
+
+
+async def _framework_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own answers (no such route, a method a route does not take) in the one shape."""
+    allow = (exc.headers or {}).get("Allow")
+    return JSONResponse(framework_error_body(exc.status_code, exc.detail, method=request.method,
+                                             path=request.url.path, allow=allow),
+                        exc.status_code, headers={"Allow": allow} if allow else None)
 
 
 def _error(reason: str, message: str, status: int) -> JSONResponse:

@@ -26,7 +26,7 @@ class BackgroundServer:
         if ssl_certfile or ssl_keyfile:
             _check_tls_pair(name, ssl_certfile, ssl_keyfile)
             config.update(ssl_certfile=str(ssl_certfile), ssl_keyfile=str(ssl_keyfile))
-            # an idle keep-alive client (validator-core's collector keeps one per proxy) never answers
+            # an idle keep-alive client (a user's streaming client keeps one per proxy) never answers
             # the TLS close_notify of a stopping server, and asyncio waits 30 s for it: bound the wait
             config.setdefault("timeout_graceful_shutdown", 3)
             logging.getLogger("uvicorn.error").addFilter(_idle_cut_only)

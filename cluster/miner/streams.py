@@ -25,6 +25,7 @@ from cluster.protocol.envelope import seal
 from cluster.protocol.http import ServiceClient
 from cluster.protocol.identity import Hotkey
 from cluster.miner.proxy import JobRoute, MinerProxy
+from cluster.miner.receipt_book import ReceiptBook
 from cluster.miner.serving import BackgroundServer
 from cluster.errors import Refused, ServiceUnavailable
 from cluster.protocol.keys import PublicKey
@@ -36,11 +37,14 @@ log = logging.getLogger("rayhorde.agent")
 class StreamKeeper:
     def __init__(self, hotkey: Hotkey, validator: ServiceClient, *, validator_hotkey: str, proxy_port: int,
                  proxy_url: str, serve_url: str, volumes_dir: Path, idle_timeout_s: float, max_skew_s: float,
-                 volume_max_bytes: int, ready_timeout_s: float = 600, proxy_host: str = "127.0.0.1",
+                 volume_max_bytes: int, request_max_bytes: int = 2**20, receipts_path: Path | None = None,
+                 ready_timeout_s: float = 600,
+                 proxy_host: str = "127.0.0.1",
                  tls_cert_path: Path | None = None, tls_key_path: Path | None = None) -> None:
         """The proxy binds ``proxy_host:proxy_port`` (HTTPS with ``tls_cert_path`` and
         ``tls_key_path``) and is announced as ``proxy_url``; ``serve_url`` is the node's own Serve
-        proxy, reached over plain HTTP on loopback (it never leaves the host)."""
+        proxy, reached over plain HTTP on loopback (it never leaves the host); ``receipts_path`` the
+        SQLite file that keeps answers until the validator pulled them (None: memory only)."""
         self.hotkey = hotkey
         self.validator = validator
         self.proxy_url = proxy_url
@@ -51,7 +55,8 @@ class StreamKeeper:
         self.ready_timeout_s = ready_timeout_s
         self.proxy = MinerProxy(hotkey, max_skew_s=max_skew_s, idle_timeout_s=idle_timeout_s,
                                 validator_hotkey=validator_hotkey, volumes_dir=volumes_dir,
-                                volume_max_bytes=volume_max_bytes)
+                                volume_max_bytes=volume_max_bytes, request_max_bytes=request_max_bytes,
+                                book=ReceiptBook(receipts_path) if receipts_path else None)
         self.known: dict[str, StreamAssignment] = {}
         self._lock = threading.Lock()
         self._server = BackgroundServer(self.proxy.app, name=f"the miner proxy on {proxy_url}", host=proxy_host,
@@ -65,6 +70,7 @@ class StreamKeeper:
     def stop(self) -> None:
         self.proxy.end_all("the miner agent is stopping")
         self._server.stop()
+        self.proxy.book.close()  # kept answers stay on disk for the next run to serve
 
     def update(self, assignments: list[dict]) -> None:
         """Follow the streams validator-core says run here (from a heartbeat answer)."""

@@ -93,10 +93,13 @@ class RequestSigner(httpx.Auth):
         yield request
 
 
-def check_request(headers: dict[str, str] | httpx.Headers, body: bytes, *, method: str, path: str, job_id: str,
-                  client_keys: Iterable[PublicKey], nonces: NonceStore, max_skew_s: float,
+def check_request(headers: dict[str, str] | httpx.Headers, body: bytes | None, *, method: str, path: str,
+                  job_id: str, client_keys: Iterable[PublicKey], nonces: NonceStore, max_skew_s: float,
                   clock: Callable[[], int] = time.time_ns) -> RequestEnvelope:
-    """Check a request's envelope; return it, or raise :class:`RequestRefused` naming the problem."""
+    """Check a request's envelope; return it, or raise :class:`RequestRefused` naming the problem.
+
+    ``body`` None checks everything but the body (a door that must not read an unsigned body
+    checks the headers first); :func:`check_body` then checks the body it read."""
     lower = {k.lower(): v for k, v in dict(headers).items()}
     raw_b64, sig = lower.get(REQUEST_HEADER.lower()), lower.get(SIGNATURE_HEADER.lower())
     if not raw_b64 or not sig:
@@ -119,8 +122,8 @@ def check_request(headers: dict[str, str] | httpx.Headers, body: bytes, *, metho
     if env.method != method.upper() or env.path != path:
         raise RequestRefused("wrong_target", f"signed for {env.method} {env.path}, sent as {method.upper()} {path}",
                              status_code=403)
-    if env.body_sha256 != hashlib.sha256(body).hexdigest():
-        raise RequestRefused("body_mismatch", "the body is not the one the client signed", status_code=403)
+    if body is not None:
+        check_body(env, body)
     if env.client_key not in list(client_keys):
         raise RequestRefused("unknown_client_key", f"client key {env.client_key.public[:16]}... is not registered "
                              "for this job", status_code=403)
@@ -135,3 +138,9 @@ def check_request(headers: dict[str, str] | httpx.Headers, body: bytes, *, metho
     if not nonces.check_and_record(env.client_key.public, env.nonce, env.t):
         raise RequestRefused("replayed", f"nonce {env.nonce} was already used", status_code=401)
     return env
+
+
+def check_body(env: RequestEnvelope, body: bytes) -> None:
+    """The body is the one the envelope's signature covers, or :class:`RequestRefused`."""
+    if env.body_sha256 != hashlib.sha256(body).hexdigest():
+        raise RequestRefused("body_mismatch", "the body is not the one the client signed", status_code=403)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from cluster.protocol.canonical import canonical_bytes
 from cluster.protocol.identity import Clock, Hotkey, system_clock, verify_signature
+from cluster.protocol.numbers import UnixNs
 from cluster.errors import SignatureRejected
 
 ENVELOPE_VERSION = 1
@@ -26,7 +27,7 @@ class SignedEnvelope(BaseModel):
     kind: str
     payload: dict[str, Any]
     signer: str
-    t: int = Field(description="signing time, Unix ns")
+    t: UnixNs = Field(description="signing time, Unix ns")
     nonce: str
     sig: str
 
@@ -82,7 +83,12 @@ def open_envelope(
     allowed = None if signers is None else set(signers)
     if allowed is not None and env.signer not in allowed:
         raise SignatureRejected("wrong_signer", f"'{kind}' signed by {env.signer}; expected one of {sorted(allowed)}")
-    if not verify_signature(env.signer, canonical_bytes(env.body()), env.sig):
+    try:
+        signed = canonical_bytes(env.body())
+    except TypeError as exc:  # a float, sent as JSON by anyone: it has no canonical form, so no signature covers it
+        raise SignatureRejected("invalid_signature", f"'{kind}' holds a float, which no signature covers ({exc}); "
+                                "sign integers only") from exc
+    if not verify_signature(env.signer, signed, env.sig):
         raise SignatureRejected("invalid_signature", f"signature on '{kind}' does not verify for {env.signer}")
     if check_time:
         skew_s = (env.t - clock()) / 1e9

@@ -53,6 +53,24 @@ def error_body(reason: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"reason": reason, "message": message, **extra}}
 
 
+def framework_error_body(status_code: int, detail: Any, *, method: str, path: str,
+                         allow: str | None = None) -> dict[str, Any]:
+    """The error body for an HTTP error a door's web framework raised itself, before any handler
+    of the door ran (no such route, a method the route does not take, a body that is no JSON), in
+    the one shape: the frameworks' own ``{"detail": ...}`` is no rayhorde error. ``allow``: the
+    ``Allow`` header of a 405."""
+    what = f"{method} {path[:200]}"
+    if status_code == 404:
+        return error_body("not_found", f"no endpoint {what} on this service; check the URL and the method")
+    if status_code == 405:
+        takes = f"; it takes {allow}" if allow else ""
+        return error_body("method_not_allowed", f"{path[:200]} does not take {method}{takes}")
+    if status_code == 400:
+        return error_body("malformed", f"{what}: the request could not be read ({detail}); send a JSON body with "
+                                       "Content-Type: application/json")
+    return error_body(f"http_{status_code}", f"{what}: {detail}")
+
+
 def raise_for_error(resp: httpx.Response) -> None:
     if resp.status_code < 400:
         return

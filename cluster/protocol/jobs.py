@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cluster.protocol.job_io import Upload, UploadResponse, Volume, check_volume_layout
+from cluster.protocol.numbers import Attempt, ExitCode, Finite, UnixNs
 
 # What a Ray driver reads to reach validator-core (``jobs.submit``); the Jobs gateway sets them
 VALIDATOR_URL_ENV = "RAYHORDE_VALIDATOR_URL"
@@ -54,7 +55,7 @@ class Failure(BaseModel):
     kind: FailureKind
     reason: str
     stage: str | None = None
-    exit_code: int | None = None
+    exit_code: ExitCode | None = None
     oom_killed: bool = False
     message: str = ""
     reporter: str | None = None  # hotkey of whoever reported it
@@ -72,7 +73,7 @@ class JobSpec(BaseModel):
     """A user's organic job: an image, a command, environment and limits."""
 
     model_config = ConfigDict(extra="forbid")
-    v: int = 1
+    v: int = Field(default=1, ge=1, le=1)
     image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
     command: list[str] = Field(min_length=1, max_length=256)
     env: dict[str, str] = Field(default_factory=dict, max_length=128)
@@ -120,10 +121,10 @@ class JobResult(BaseModel):
 
     job_id: str
     ticket_id: str
-    attempt: int = Field(ge=1)
+    attempt: Attempt = Field(ge=1)
     miner_hotkey: str
     status: Literal["completed", "failed", "horde_failed"]
-    exit_code: int | None = None
+    exit_code: ExitCode | None = None
     failure: Failure | None = None
     stdout: str = ""
     stderr: str = ""
@@ -132,8 +133,8 @@ class JobResult(BaseModel):
     artifacts: dict[str, str] = Field(default_factory=dict, description="path -> base64 bytes")
     artifacts_omitted: list[str] = Field(default_factory=list, description="over the size caps")
     uploads: list[UploadResponse] = Field(default_factory=list)
-    started_ns: int = 0
-    finished_ns: int = 0
+    started_ns: UnixNs = 0
+    finished_ns: UnixNs = 0
 
 
 class StatusEvent(BaseModel):
@@ -190,3 +191,16 @@ class Submitted(BaseModel):
     job_id: str
     ticket: TicketRef | None = None
     queue_reason: str = ""
+
+
+MAX_WAIT_S = 30  # the longest a client may hold a long-poll open
+WATCH_MAX_JOBS = 1000  # jobs one watch request may follow
+
+
+class WatchRequest(BaseModel):
+    """A driver's long-poll over its jobs (``POST /v1/jobs/watch``): job id -> the ticket id it
+    last saw (null: none yet). Answered as soon as one is final or has another ticket."""
+
+    model_config = ConfigDict(extra="forbid")
+    known: dict[str, str | None] = Field(max_length=WATCH_MAX_JOBS)
+    wait_s: Finite = Field(default=0, ge=0, le=MAX_WAIT_S)

@@ -12,10 +12,12 @@ from pydantic import BaseModel, Field
 
 from cluster.protocol.jobs import Failure, JobResult, JobSpec, JobStatus
 from cluster.protocol.streams import StreamReady
+from cluster.protocol.numbers import INT64_MAX, Attempt, Count, Port
+from cluster.protocol.receipts import Receipt
 
 
 class ChallengeRequest(BaseModel):
-    miner_hotkey: str
+    miner_hotkey: str = Field(max_length=64)
 
 
 class Challenge(BaseModel):
@@ -27,7 +29,7 @@ class Challenge(BaseModel):
 class JoinRequest(BaseModel):  # kind "admission_join", signed by the miner
     validator: str
     challenge: str
-    executor_classes: dict[str, int]
+    executor_classes: dict[str, Count] = Field(max_length=64)
     proxy_url: str = ""
     versions: dict[str, str]
 
@@ -44,7 +46,7 @@ class JoinAccepted(BaseModel):
 class Preflight(BaseModel):  # kind "admission_preflight", signed by the miner (`rayhorde miner check`)
     validator: str
     address: str  # the miner host's address, as validator-core sees the request come from it
-    ports: list[int] = Field(default_factory=list, max_length=16)  # TCP ports validator-core tries to reach there
+    ports: list[Port] = Field(default_factory=list, max_length=16)  # TCP ports validator-core tries to reach there
 
 
 class PreflightAnswer(BaseModel):
@@ -72,7 +74,7 @@ class Heartbeat(BaseModel):  # kind "heartbeat", signed by the miner
 class CapabilityRequest(BaseModel):  # kind "capability_request", signed by the user
     validator: str
     max_jobs: int = Field(gt=0, le=100_000)
-    ttl_s: int = Field(gt=0)
+    ttl_s: int = Field(gt=0, le=10 * 365 * 86400)
 
 
 class Capability(BaseModel):  # kind "capability", signed by the validator
@@ -112,7 +114,7 @@ class SpecGrant(BaseModel):  # kind "job_spec", signed by the validator
 
 class StatusReport(BaseModel):  # kind "job_status", signed by the miner
     ticket_id: str
-    attempt: int
+    attempt: Attempt
     status: JobStatus
     detail: str = ""
     failure: Failure | None = None
@@ -120,8 +122,21 @@ class StatusReport(BaseModel):  # kind "job_status", signed by the miner
 
 class ReceiptsPull(BaseModel):  # kind "receipts_pull", signed by the validator: a page of a job's receipts
     job_id: str
-    after_seq: int = -1
+    after_seq: int = Field(ge=-1, le=INT64_MAX, default=-1)
     limit: int = Field(gt=0, le=1000, default=100)
+
+
+class ReceiptRecord(BaseModel):  # one answer as a miner's proxy keeps it, in a ReceiptsPage
+    receipt: Receipt
+    request_b64: str  # the request body as the job received it
+    response_b64: str  # the response body as the job sent it
+    envelope_b64: str  # the client's signed request envelope (its sha256 is the request id)
+    client_sig: str
+
+
+class ReceiptsPage(BaseModel):  # the proxy's answer to a receipts_pull: at most ``limit`` records, seq order
+    job_id: str
+    receipts: list[ReceiptRecord]
 
 
 KINDS = {

@@ -33,6 +33,7 @@ from cluster.errors import ReceiptInvalid
 from cluster.protocol.canonical import canonical_bytes
 from cluster.protocol.identity import Hotkey, verify_signature
 from cluster.protocol.keys import PublicKey, SigningKey
+from cluster.protocol.numbers import INT64_MAX, UnixNs
 
 RECEIPT_VERSION = 1
 GENESIS = "0" * 64
@@ -44,13 +45,13 @@ class ReceiptBody(BaseModel):
     v: int = RECEIPT_VERSION
     job_id: str
     request_id: str
-    t_from: int = Field(description="Unix ns: the job received the request")
-    t_to: int = Field(description="Unix ns: the job finished the response")
+    t_from: UnixNs = Field(description="Unix ns: the job received the request")
+    t_to: UnixNs = Field(description="Unix ns: the job finished the response")
     input_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     output_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     job_key: PublicKey
     miner_hotkey: str
-    seq: int = Field(ge=0)
+    seq: int = Field(ge=0, le=INT64_MAX)
     prev_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     def canonical(self) -> bytes:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cluster.protocol.canonical import canonical_bytes
 from cluster.protocol.jobs import Failure, JobStatus, StatusEvent
 from cluster.protocol.keys import PublicKey
+from cluster.protocol.numbers import Finite, UnixNs
 
 READY_KIND = "stream_ready"  # envelope kind of the readiness message
 VOLUME_READ_PATH = "/v1/stream-volume"  # on the agent's executor socket
@@ -30,8 +31,8 @@ class StreamSpec(BaseModel):
     version: str = Field(min_length=1, max_length=32)
     executor_class: str = "always_on.test"
     client_keys: list[PublicKey] = Field(min_length=1, max_length=16)
-    max_duration_s: int = Field(gt=0, default=3600, description="the job ends (completed) this long after it is placed")
-    options: dict[str, float | int | str | bool] = Field(default_factory=dict,
+    max_duration_s: int = Field(gt=0, le=365 * 86400, default=3600, description="the job ends (completed) this long after it is placed")
+    options: dict[str, Finite | int | str | bool] = Field(default_factory=dict,
                                                          description="app options the whitelist entry allows")
 
 
@@ -81,7 +82,7 @@ class VolumeRead(BaseModel):
     model_config = ConfigDict(extra="forbid")
     job_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
     name: str = Field(pattern=FILE_NAME_PATTERN)
-    t_ns: int
+    t_ns: UnixNs
     job_sig: str = ""
 
     def signed_bytes(self) -> bytes:

@@ -62,6 +62,7 @@ from cluster.validator.streams import StreamDesk
 
 log = logging.getLogger("rayhorde.validator")
 MATCHED_VERSIONS = ("rayhorde", "ray", "python")  # a miner must run exactly these versions of the validator's
+CHALLENGES_PER_HOTKEY = 8  # open (unused, unexpired) challenges one hotkey may hold
 NODE_LOST = "ray_node_lost"  # incidents.reason of work lost with a node its agent reported dead (fabric)
 NODE_LOST_BUT_ALIVE = "node_lost_but_alive"  # ... of a node_lost report Ray contradicted (charged)
 NODE_LOST_UNCONFIRMED = "ray_node_lost_unconfirmed"  # ... of one Ray could not be asked about (fabric)
@@ -104,9 +105,19 @@ class AdmissionDesk:
     def challenge(self, req: ChallengeRequest) -> Challenge:
         if not is_ss58(req.miner_hotkey):
             raise AdmissionRefused("malformed", f"{req.miner_hotkey!r} is not an SS58 address", status_code=400)
-        ch = Challenge(nonce=uuid.uuid4().hex, validator_hotkey=self.hotkey.ss58,
-                       expires_ns=self.clock() + int(self.settings.challenge_ttl_s * NS))
+        now, ttl_ns = self.clock(), int(self.settings.challenge_ttl_s * NS)
+        ch = Challenge(nonce=uuid.uuid4().hex, validator_hotkey=self.hotkey.ss58, expires_ns=now + ttl_ns)
         with self.engine.begin() as conn:
+            # unsigned, so bounded: challenges expired a ttl ago go with every new one (till then a late
+            # join hears "expired", not "unknown"), and a hotkey holds a few open ones at most
+            conn.execute(db.challenges.delete().where(db.challenges.c.expires_ns < now - ttl_ns))
+            held = conn.execute(sa.select(sa.func.count()).select_from(db.challenges).where(
+                db.challenges.c.miner_hotkey == req.miner_hotkey, db.challenges.c.used.is_(False),
+                db.challenges.c.expires_ns >= now)).scalar_one()
+            if held >= CHALLENGES_PER_HOTKEY:
+                raise AdmissionRefused("too_many_challenges", f"{held} unused challenges for {req.miner_hotkey} are "
+                                       f"still open; use one, or ask again within {self.settings.challenge_ttl_s:g} s",
+                                       status_code=429, retry_after_s=self.settings.challenge_ttl_s)
             conn.execute(db.challenges.insert().values(nonce=ch.nonce, miner_hotkey=req.miner_hotkey,
                                                        expires_ns=ch.expires_ns, used=False))
         return ch

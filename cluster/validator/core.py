@@ -13,9 +13,10 @@ needs; desks never import this module. Who depends on whom (each only on those b
     scoring                  scores and weights per cycle
     capabilities | placement users' budgets; which miner gets work, the queue
     ledger                   job history and incidents
-    changes | envelopes | serve_rest | ray_state | firewall   long polls; opening signed
-                             envelopes; Serve's REST API; Ray's State API (nodes as Ray sees
-                             them); the admitted-only firewall (nftables beside the desks)
+    changes | envelopes | serve_rest | ray_state | firewall | limits   long polls; opening
+                             signed envelopes; Serve's REST API; Ray's State API (nodes as Ray
+                             sees them); the admitted-only firewall (nftables beside the desks);
+                             what one client may load validator-core with, and its own uptime
     store                    the schema and its migrations
 
 Every public method of a desk takes already-parsed input, opens the envelope once (the
@@ -46,6 +47,7 @@ from cluster.validator.envelopes import EnvelopeOpener
 from cluster.validator.firewall import Firewall, NoFirewall, protected_ports
 from cluster.validator.nftables import NftablesFirewall
 from cluster.validator.ledger import Ledger
+from cluster.validator.limits import Uptime
 from cluster.validator.organic import OrganicDesk
 from cluster.validator.placement import Placement
 from cluster.validator.probes import ProbeDesk
@@ -80,7 +82,9 @@ class ValidatorCore:
         self._stop = threading.Event()
 
         self.ledger = ledger = Ledger(clock, max_attempts=settings.max_attempts)
-        self.placement = placement = Placement(settings, hotkey=hotkey, ledger=ledger, clock=clock)
+        self.uptime = Uptime(clock)  # a restart starts a new serving period; the app ticks it
+        self.placement = placement = Placement(settings, hotkey=hotkey, ledger=ledger, clock=clock,
+                                               uptime=self.uptime)
         self.capabilities = capabilities = CapabilityDesk(settings, hotkey=hotkey, engine=engine, opener=opener,
                                                           clock=clock)
         self.scoring = ScoringDesk(settings, engine=engine, chain=chain, clock=clock)

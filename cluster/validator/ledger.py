@@ -5,8 +5,13 @@ reports it (the validator, the miner, the user); clients read it as the job's hi
 
 Incidents: every attempt or stream lost, and every failed verification, is an ``incidents``
 row of one of two kinds. ``miner`` incidents are charged to the miner: an agent that restarted,
-a blown deadline, a failed verification; they lower its priority for ``incident_penalty_s``, and
-a failed verification bans it from new work for ``verification_ban_s``. ``fabric`` incidents are
+a blown deadline, a failed verification, a receipts page that broke the protocol or its budget
+(``collection_failed``); they lower its priority for ``incident_penalty_s``, and a failed
+verification bans it from new work for ``verification_ban_s``. A failed verification or
+collection also voids the miner's streaming work of the scoring cycle: answers that could not
+be collected cannot be checked, and are not paid for. A failed collection does not ban: the
+page carries no signature of the miner's (a path that rewrites plain HTTP could forge it), and
+a proxy that stalls cannot be told from a link that does. ``fabric`` incidents are
 not charged: a dead Ray node under a live agent, a ticket nobody fetched, or a miner that went
 silent (``miner_unreachable``: a cut link looks the same as a crash, and neither is a signed fact
 of cheating) are failures of the shared fabric, not proof of a dishonest miner. Going silent is
@@ -32,6 +37,7 @@ from cluster.validator import store as db
 CHARGED = "miner"  # incidents.kind of an incident charged to the miner
 FABRIC = "fabric"  # incidents.kind of a fabric incident, not charged
 VERIFICATION_FAILED = "verification_failed"  # incidents.reason of a failed verification
+COLLECTION_FAILED = "collection_failed"  # ... of a receipts page that broke the protocol or its budget
 UNREACHABLE = "miner_unreachable"  # incidents.reason of work lost because its miner stopped heartbeating
 IMPOSTOR = "impostor"  # ... of a Ray node whose resources differ from what its miner was admitted with
 ROGUE_WORKLOAD = "rogue_workload"  # ... of a driver, job, actor or task nobody entitled started

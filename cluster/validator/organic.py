@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -33,7 +34,7 @@ from cluster.protocol.envelope import SignedEnvelope, seal
 from cluster.protocol.identity import Clock, Hotkey
 from cluster.protocol.images import ImagePolicy
 from cluster.protocol.jobs import (
-    Failure, JobResult, JobSpec, JobState, JobStatus, JobView, StatusEvent, Submitted,
+    Failure, JobResult, JobSpec, JobState, JobStatus, JobView, StatusEvent, Submitted, WATCH_MAX_JOBS,
 )
 from cluster.protocol.messages import Capability, SpecGrant, StatusReport, TicketFetch
 from cluster.settings import ExecutorClass, ValidatorSettings
@@ -44,7 +45,6 @@ from cluster.validator.envelopes import EnvelopeOpener
 from cluster.validator.ledger import UNREACHABLE, Ledger
 from cluster.validator.placement import Placement, admitted, ticket_ref
 
-WATCH_MAX_JOBS = 1000  # jobs one watch request may follow
 
 
 class OrganicDesk:
@@ -95,7 +95,9 @@ class OrganicDesk:
             ticket = self.placement.current_ref(conn, job)
         self.changes.notify()
         if ticket is None and spec.max_wait_s == 0:
-            raise Refused("no_miner_for_job", f"job {job_id} rejected: {why}", status_code=503)
+            # 409, not 503: validator-core is well; the market has no free executor for this spec now
+            raise Refused("no_miner_for_job", f"job {job_id} rejected: {why}; submit it with max_wait_s > 0 to "
+                          "let it wait for one, or retry later", status_code=409)
         return Submitted(job_id=job_id, ticket=ticket, queue_reason=why)
 
     def cancel(self, cap: Capability, job_id: str) -> JobView:
@@ -122,10 +124,22 @@ class OrganicDesk:
         """The job as recorded; with ``wait_s`` > 0, wait up to that long for a final status."""
         return self.changes.poll(lambda: self._get(cap, job_id), lambda view: view.status.terminal, wait_s)
 
+    async def get_async(self, cap: Capability, job_id: str, wait_s: float = 0) -> JobView:
+        """:meth:`get` for the HTTP door: the wait holds no thread."""
+        return await self.changes.apoll(lambda: self._get(cap, job_id), lambda view: view.status.terminal, wait_s)
+
     def watch(self, cap: Capability, known: dict[str, str | None], wait_s: float = 0) -> list[JobState]:
         """States of the jobs in ``known`` (job id -> ticket id the caller last saw), returned as
         soon as one of them is final or has a different ticket, or after ``wait_s``. One request
         lets a driver follow all its jobs (launching a task for every new ticket)."""
+        return self.changes.poll(*self._watching(cap, known), wait_s)
+
+    async def watch_async(self, cap: Capability, known: dict[str, str | None], wait_s: float = 0) -> list[JobState]:
+        """:meth:`watch` for the HTTP door: the wait holds no thread."""
+        return await self.changes.apoll(*self._watching(cap, known), wait_s)
+
+    def _watching(self, cap: Capability, known: dict[str, str | None]
+                  ) -> tuple[Callable[[], list[JobState]], Callable[[list[JobState]], bool]]:
         ids = list(known)[:WATCH_MAX_JOBS]
 
         def read() -> list[JobState]:
@@ -144,7 +158,7 @@ class OrganicDesk:
             return any(st.status.terminal or (st.ticket.ticket_id if st.ticket else None) != known[st.job_id]
                        for st in states)
 
-        return self.changes.poll(read, changed, wait_s)
+        return read, changed
 
     def list(self, cap: Capability, limit: int = 100) -> list[JobView]:
         with self.engine.connect() as conn:
@@ -270,7 +284,7 @@ class OrganicDesk:
         with self.alloc, self.engine.begin() as conn:
             for t in conn.execute(sa.select(db.tickets).where(db.tickets.c.active.is_(True))).all():
                 m = conn.execute(sa.select(db.miners).where(db.miners.c.hotkey == t.miner_hotkey)).first()
-                if not self.placement.is_live(m, now):
+                if self.placement.is_lost(m, now):
                     reason, charged = UNREACHABLE, self.ledger.unreachable_charged(
                         conn, t.miner_hotkey, window_s=self.settings.incident_penalty_s,
                         free=self.settings.unreachable_free)

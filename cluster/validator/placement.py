@@ -1,8 +1,9 @@
 """validator-core's placement: which miner gets work, and the queue of organic jobs waiting for one.
 
 Liveness: an admitted miner is live while its last heartbeat is within ``heartbeat_timeout_s``
-(:meth:`Placement.is_live`, the one rule every path uses: picking a miner, retiring its attempts
-and ending its streams).
+(:meth:`Placement.is_live`: who may get new work). It is lost, and its attempts are retired and
+its streams ended, once it has been silent that long while validator-core was serving all the
+time (:meth:`Placement.is_lost`): a restart or a stall of validator-core charges no miner.
 
 Picking a miner for an executor class: among live admitted miners with a Ray node, not banned
 for a failed verification, and with a free executor of that class (organic attempts and streams
@@ -31,6 +32,7 @@ from cluster.protocol.messages import Ticket, executor_resource, miner_resource
 from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
 from cluster.validator.ledger import Ledger
+from cluster.validator.limits import Uptime
 
 ACTIVE_STREAM = (JobStatus.accepted.value, JobStatus.streaming_ready.value)  # a stream in these holds an executor
 
@@ -51,16 +53,27 @@ def ticket_ref(ticket_id: str, attempt: int, miner: str, executor_class: str) ->
 
 
 class Placement:
-    def __init__(self, settings: ValidatorSettings, *, hotkey: Hotkey, ledger: Ledger, clock: Clock) -> None:
+    def __init__(self, settings: ValidatorSettings, *, hotkey: Hotkey, ledger: Ledger, clock: Clock,
+                 uptime: Uptime | None = None) -> None:
         self.settings = settings
+        self.uptime = uptime or Uptime(clock)
         self.hotkey = hotkey
         self.ledger = ledger
         self.clock = clock
 
     def is_live(self, miner: sa.Row | None, now_ns: int) -> bool:
-        """The liveness rule: admitted, and its last heartbeat within ``heartbeat_timeout_s``."""
+        """The liveness rule for new work: admitted, and its last heartbeat within ``heartbeat_timeout_s``."""
         live_after = now_ns - int(self.settings.heartbeat_timeout_s * NS)
         return miner is not None and (miner.last_heartbeat_ns or 0) >= live_after
+
+    def is_lost(self, miner: sa.Row | None, now_ns: int) -> bool:
+        """The rule for taking work away: not admitted, or silent for ``heartbeat_timeout_s`` while
+        validator-core was serving all that time. Heartbeats it could not hear (it was restarting
+        or stalled: :class:`~cluster.validator.limits.Uptime`) are no evidence against a miner."""
+        if miner is None:
+            return True
+        heard_after = now_ns - int(self.settings.heartbeat_timeout_s * NS)
+        return max(miner.last_heartbeat_ns or 0, self.uptime.since_ns) < heard_after
 
     def pick_miner(self, conn: sa.Connection, executor_class: str, *, exclude: set[str]) -> tuple[str | None, str]:
         """The miner to take one executor of ``executor_class`` now, or (None, why none can)."""

@@ -10,7 +10,9 @@ cycle is the executor-seconds it served there:
                 A failed verification of the miner recorded in the cycle (one answer, a chain
                 gap, or the batch statistic) makes ALL its streaming work of the cycle worth 0,
                 not just the answer that failed; it is also banned from new work for
-                ``verification_ban_s`` (placement, not here).
+                ``verification_ban_s`` (placement, not here). So does a failed collection (a
+                receipts page that broke the protocol or its budget: answers withheld from
+                verification), without the ban.
 
 Weights: scores of miners registered in the metagraph (and not in ``banned_hotkeys``),
 max-normalised to u16 (the best miner gets 65535), sent with :meth:`ChainBackend.set_weights`
@@ -33,7 +35,7 @@ from cluster.protocol.identity import Clock
 from cluster.protocol.jobs import JobStatus
 from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
-from cluster.validator.ledger import VERIFICATION_FAILED
+from cluster.validator.ledger import COLLECTION_FAILED, VERIFICATION_FAILED
 
 log = logging.getLogger("rayhorde.scoring")
 TERMINAL = tuple(s.value for s in JobStatus if s.terminal)
@@ -47,7 +49,8 @@ class MinerScore(BaseModel):
     stream_executor_s: float = 0.0  # served; counts in ``score`` unless voided
     stream_answers: int = 0  # answers collected from its proxy in the cycle (every signature checked)
     verification_failures: int = 0
-    stream_voided: bool = False  # a failed verification in the cycle: streaming work worth nothing
+    collection_failures: int = 0
+    stream_voided: bool = False  # a failed verification or collection in the cycle: streaming work worth nothing
     score: float = 0.0  # executor-seconds that count
 
 
@@ -112,13 +115,17 @@ def score_window(conn: sa.Connection, start_ns: int, end_ns: int, now_ns: int) -
                            .group_by(db.stream_claims.c.miner_hotkey)).all()
     for hotkey, n in answers:
         miner(hotkey).stream_answers = n
-    failures = conn.execute(sa.select(db.incidents.c.miner_hotkey, sa.func.count())
-                            .where(db.incidents.c.reason == VERIFICATION_FAILED, db.incidents.c.t_ns >= start_ns,
-                                   db.incidents.c.t_ns < end_ns)
-                            .group_by(db.incidents.c.miner_hotkey)).all()
-    for hotkey, n in failures:
+    failures = conn.execute(sa.select(db.incidents.c.miner_hotkey, db.incidents.c.reason, sa.func.count())
+                            .where(db.incidents.c.reason.in_((VERIFICATION_FAILED, COLLECTION_FAILED)),
+                                   db.incidents.c.t_ns >= start_ns, db.incidents.c.t_ns < end_ns)
+                            .group_by(db.incidents.c.miner_hotkey, db.incidents.c.reason)).all()
+    for hotkey, reason, n in failures:
         m = miner(hotkey)
-        m.verification_failures, m.stream_voided = n, True
+        m.stream_voided = True
+        if reason == VERIFICATION_FAILED:
+            m.verification_failures = n
+        else:
+            m.collection_failures = n
 
     for m in out.values():
         m.score = m.organic_executor_s + (0.0 if m.stream_voided else m.stream_executor_s)

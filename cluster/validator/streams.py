@@ -99,8 +99,8 @@ class StreamDesk:
             row = self.capabilities.budget(conn, cap)
             miner, why = self.placement.pick_miner(conn, spec.executor_class, exclude=set())
             if miner is None:
-                raise Refused("no_miner_for_job", f"no miner can take a {spec.executor_class} stream now: {why}",
-                              status_code=503)
+                raise Refused("no_miner_for_job", f"no miner can take a {spec.executor_class} stream now: {why}; "
+                              "retry later", status_code=409)  # 409: the market is full, validator-core is well
             self.capabilities.spend(conn, row)
             # who may call it, fixed here for the job's life: its user's keys, and on a verifiable
             # app validator-core's probe key among them (:mod:`.probes`)
@@ -134,14 +134,18 @@ class StreamDesk:
 
     def get(self, cap: Capability, job_id: str, wait_s: float = 0) -> StreamView:
         """The stream as recorded; ``wait_s`` > 0 waits (max 30 s) until it is ready or ended."""
-        def read() -> StreamView:
-            with self.engine.connect() as conn:
-                s = self._owned(conn, cap, job_id)
-                events = conn.execute(sa.select(db.job_events).where(db.job_events.c.job_id == job_id)
-                                      .order_by(db.job_events.c.id)).all()
-            return _view(s, events)
+        return self.changes.poll(lambda: self._read(cap, job_id), _settled, wait_s)
 
-        return self.changes.poll(read, lambda view: view.status != JobStatus.accepted, wait_s)
+    async def get_async(self, cap: Capability, job_id: str, wait_s: float = 0) -> StreamView:
+        """:meth:`get` for the HTTP door: the wait holds no thread."""
+        return await self.changes.apoll(lambda: self._read(cap, job_id), _settled, wait_s)
+
+    def _read(self, cap: Capability, job_id: str) -> StreamView:
+        with self.engine.connect() as conn:
+            s = self._owned(conn, cap, job_id)
+            events = conn.execute(sa.select(db.job_events).where(db.job_events.c.job_id == job_id)
+                                  .order_by(db.job_events.c.id)).all()
+        return _view(s, events)
 
     def list(self, cap: Capability, limit: int = 100) -> list[StreamView]:
         with self.engine.connect() as conn:
@@ -217,7 +221,7 @@ class StreamDesk:
                 m = conn.execute(sa.select(db.miners).where(db.miners.c.hotkey == s.miner_hotkey)).first()
                 if s.deadline_ns is not None and now > s.deadline_ns:
                     self._end(conn, s, JobStatus.completed, "time limit reached (max_duration_s)")
-                elif not self.placement.is_live(m, now):
+                elif self.placement.is_lost(m, now):
                     charged = self.ledger.unreachable_charged(conn, s.miner_hotkey, free=self.settings.unreachable_free,
                                                               window_s=self.settings.incident_penalty_s)
                     changed += self.miner_lost(conn, s.miner_hotkey, reason=UNREACHABLE, charged=charged)
@@ -279,3 +283,8 @@ def _view(s: sa.Row, events: list[sa.Row]) -> StreamView:
         failure=Failure.model_validate(s.failure) if s.failure else None,
         history=[StatusEvent(status=JobStatus(e.status), t_ns=e.t_ns, attempt=e.attempt, reporter=e.reporter,
                              detail=e.detail) for e in events])
+
+
+def _settled(view: StreamView) -> bool:
+    """What a long-poll on a stream waits for: ready, or ended."""
+    return view.status != JobStatus.accepted

@@ -6,7 +6,14 @@
               ``verify_fraction`` of them for the verifiers (an unpredictable draw: a miner
               cannot know which answers are checked) plus validator-core's own probes
               (:mod:`.probes`), always. A chain gap or a bad signature is a failed
-              verification at once.
+              verification at once. ``collect_workers`` streams are pulled at once, each
+              within its budget (``collect_budget_s``, ``collect_max_bytes``), so a hostile
+              proxy delays no other stream past it; each page is stored before the next is
+              asked. A page that breaks the protocol or its budget (not an object of typed
+              receipts, more than asked, seq that does not advance, a request id seen before,
+              too big, too slow) is a charged ``collection_failed`` incident: the pages kept
+              before it stay, the stream is not pulled again for ``incident_penalty_s``, and
+              its miner's streaming work of the scoring cycle is void (:mod:`.scoring`).
     batch     when ``verify_batch_min`` claims wait, or the oldest waited
               ``verify_batch_max_age_s``, hand up to ``verify_batch_max`` of them to the
               verification cluster (its autoscaler starts an 80 GB worker for the batch).
@@ -22,15 +29,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import httpx
 import sqlalchemy as sa
 
-from cluster.errors import Refused
+from cluster.errors import CollectionFailed, Refused
 from cluster.protocol.canonical import NS
 from cluster.protocol.client_envelope import RequestEnvelope
 from cluster.protocol.envelope import SignedEnvelope
@@ -40,12 +49,12 @@ from cluster.protocol.jobs import JobStatus
 from cluster.protocol.streams import StreamReady
 from cluster.settings import ValidatorSettings
 from cluster.validator import store as db
-from cluster.validator.ledger import VERIFICATION_FAILED, Ledger
+from cluster.validator.ledger import COLLECTION_FAILED, VERIFICATION_FAILED, Ledger
 from cluster.validator.scoring import ScoringDesk
 from cluster.validator.streams import client_keys, route_prefix
 from cluster.verification.calibration import BatchCalibration, batch_statistic
 from cluster.verification.client import VerificationClient
-from cluster.verification.collector import StreamSource, pull
+from cluster.verification.collector import Budget, Collected, GapWatch, StreamSource, pull_pass
 from cluster.verification.models import BatchVerdict, Claim, Verdict
 from cluster.verification.proof import make_proof
 
@@ -67,13 +76,20 @@ class VerificationDesk:
         self._draw = secrets.SystemRandom()
         self._http = httpx.Client(timeout=30, verify=tls_verify(settings.ca_bundle_path))  # miners' proxies
         self._lock = threading.Lock()  # one collection / batch at a time
+        self._store_lock = threading.Lock()  # a collection's pulls run in threads; their writes, one at a time
+        self._gaps = GapWatch(settings.collect_gap_grace_s)  # holes kept late under load are not gaps
 
     # ------------------------------------------------------------------ collect
-    def _sources(self) -> list[tuple[StreamSource, int]]:
+    def _sources(self) -> list[StreamSource]:
         now = self.clock()
         out = []
         with self.engine.connect() as conn:
+            held_off = set(conn.execute(sa.select(db.incidents.c.job_id).where(  # failed lately: not again yet
+                db.incidents.c.reason == COLLECTION_FAILED,
+                db.incidents.c.t_ns >= now - int(self.settings.incident_penalty_s * NS))).scalars())
             for s in conn.execute(sa.select(db.streams).where(db.streams.c.ready_envelope.is_not(None))).all():
+                if s.id in held_off:
+                    continue
                 if JobStatus(s.status).terminal:
                     ended = conn.execute(sa.select(sa.func.max(db.job_events.c.t_ns))
                                          .where(db.job_events.c.job_id == s.id)).scalar() or 0
@@ -85,34 +101,66 @@ class VerificationDesk:
                     raw = conn.execute(sa.select(db.stream_claims.c.claim).where(
                         db.stream_claims.c.job_id == s.id, db.stream_claims.c.seq == s.receipts_seq)).scalar()
                     prev = Claim.model_validate_json(raw).receipt.body if raw else None
-                out.append((StreamSource(job_id=s.id, miner_hotkey=s.miner_hotkey, proxy_url=ready.proxy_url,
-                                         job_key=ready.job_key,
-                                         client_keys=client_keys(s),
-                                         route_prefix=route_prefix(s.id), weights_sha256=ready.weights_sha256,
-                                         after_seq=s.receipts_seq, prev=prev), s.receipts_seq))
+                out.append(StreamSource(job_id=s.id, miner_hotkey=s.miner_hotkey, proxy_url=ready.proxy_url,
+                                        job_key=ready.job_key, client_keys=client_keys(s),
+                                        route_prefix=route_prefix(s.id), weights_sha256=ready.weights_sha256,
+                                        after_seq=s.receipts_seq, prev=prev))
         return out
 
     def collect(self) -> int:
-        """Pull and check what miners' proxies hold; returns how many answers were collected."""
+        """Pull and check what miners' proxies hold, ``collect_workers`` streams at once, each
+        within its budget; returns how many answers were collected."""
+        sources = self._sources()
+        if not sources:
+            return 0
+        budget = Budget(seconds=self.settings.collect_budget_s, max_bytes=self.settings.collect_max_bytes,
+                        limit=self.settings.collect_page_limit)
         n = 0
-        for source, _ in self._sources():
-            while True:
+        with ThreadPoolExecutor(min(self.settings.collect_workers, len(sources)), "collect") as pool:
+            for source, pulled in [(s, pool.submit(self._collect_one, s, budget)) for s in sources]:
                 try:
-                    got = pull(source, self.hotkey, self._http)
-                except (httpx.HTTPError, ValueError) as exc:
-                    log.warning("could not pull receipts of %s from %s: %s", source.job_id, source.proxy_url,
-                                untrusted_certificate(exc, source.proxy_url) or exc)
-                    break
-                self._store_collected(source.job_id, got.claims, got.failures, got.last_seq)
-                n += len(got.claims) + len(got.failures)
-                source.after_seq, source.prev = got.last_seq, got.last_body
-                if got.done:
-                    break
+                    n += pulled.result()
+                except Exception:  # one stream's trouble must not cost the others their collection
+                    log.exception("collecting the receipts of %s failed", source.job_id)
         return n
 
-    def _store_collected(self, job_id: str, claims: list[Claim], failures: list[Verdict], last_seq: int) -> None:
+    def _collect_one(self, source: StreamSource, budget: Budget) -> int:
+        """One pass over one stream (in a worker thread); each page is stored before the next."""
+        n = 0
+
+        def keep(page: Collected) -> None:
+            nonlocal n
+            self._store_collected(source.job_id, page)
+            n += len(page.claims) + len(page.failures)
+
+        try:
+            pull_pass(source, self.hotkey, self._http, budget, keep, gaps=self._gaps)
+        except CollectionFailed as exc:
+            self._collection_failed(source, exc)
+        except httpx.HTTPError as exc:  # refused, unreachable, an error status: not charged, nothing lost
+            log.warning("could not pull receipts of %s from %s: %s", source.job_id, source.proxy_url,
+                        untrusted_certificate(exc, source.proxy_url) or exc)
+        return n
+
+    def _collection_failed(self, source: StreamSource, exc: CollectionFailed) -> None:
+        """A page that broke the protocol or its budget: a charged incident (see :mod:`.ledger`)."""
+        evidence = json.dumps({"reason": exc.reason, "message": exc.message, "page": exc.page,
+                               "proxy_url": source.proxy_url})
+        with self._store_lock, self.engine.begin() as conn:
+            self.ledger.incident(conn, source.miner_hotkey, COLLECTION_FAILED, charged=True, job_id=source.job_id,
+                                 attempt=1, evidence=evidence)
+        log.warning("collection failed for miner %s, job %s: %s", source.miner_hotkey, source.job_id, exc)
+
+    def _store_collected(self, job_id: str, page: Collected) -> None:
+        """One checked page, in one transaction; a request id stored already refuses the whole page."""
+        claims, failures = page.claims, page.failures
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self._store_lock, self.engine.begin() as conn:
+            held = sorted(conn.execute(sa.select(db.stream_claims.c.request_id).where(
+                db.stream_claims.c.request_id.in_(page.request_ids))).scalars()) if page.request_ids else []
+            if held:
+                raise CollectionFailed("duplicate_request_id", f"page {page.page} repeats request id {held[0]}, "
+                                       "collected before", page=page.page)
             probed = set(conn.execute(sa.select(db.probes.c.request_id).where(
                 db.probes.c.request_id.in_([c.request_id for c in claims]))).scalars()) if claims else set()
             for c in claims:
@@ -126,7 +174,7 @@ class VerificationDesk:
                     collected_ns=now, claim=c.model_dump_json(), state=state))
             for v in failures:
                 self._record_failure(conn, v, seq=-1)
-            conn.execute(db.streams.update().where(db.streams.c.id == job_id).values(receipts_seq=last_seq))
+            conn.execute(db.streams.update().where(db.streams.c.id == job_id).values(receipts_seq=page.last_seq))
 
     def _record_failure(self, conn: sa.Connection, v: Verdict, *, seq: int) -> None:
         """A failed verification: stored, and a charged incident (bans the miner for a while)."""

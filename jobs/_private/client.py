@@ -10,6 +10,7 @@ validator-core. The driver never reads a value a miner produced (see :meth:`JobH
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from cluster.protocol.http import CA_BUNDLE_ENV, ServiceClient
 from cluster.errors import InvalidSpec, JobNotFinished, ServiceUnavailable, UsageError
 from cluster.protocol.jobs import (
-    CAPABILITY_ENV, VALIDATOR_URL_ENV, JobSpec, JobState, JobView, Submitted, TicketRef,
+    CAPABILITY_ENV, VALIDATOR_URL_ENV, WATCH_MAX_JOBS, JobSpec, JobState, JobView, Submitted, TicketRef,
 )
 from jobs._private.task import organic_task
 
@@ -118,8 +119,8 @@ class _Follower:
                 self.wake.clear()
                 continue
             try:
-                states = self.client.post("/v1/jobs/watch", {"known": {j: h.ticket_id for j, h in open_jobs.items()},
-                                                             "wait_s": 0.5}, timeout=40)
+                known = {j: h.ticket_id for j, h in itertools.islice(open_jobs.items(), WATCH_MAX_JOBS)}
+                states = self.client.post("/v1/jobs/watch", {"known": known, "wait_s": 0.5}, timeout=40)
             except ServiceUnavailable as exc:  # validator-core restarting: keep following
                 log.warning("following jobs: %s", exc)
                 time.sleep(0.5)

@@ -18,6 +18,7 @@ from starlette.routing import Route
 from cluster.errors import Refused, RequestRefused, SignatureRejected, TicketRefused
 from cluster.protocol.http import raise_for_error
 from cluster.protocol.identity import Hotkey
+from cluster.settings import ValidatorSettings
 from cluster.validator.app import build_app
 from serve_apps import RequestSigner, SigningKey
 from serve_apps.inference.engine import InferenceEngine
@@ -48,7 +49,10 @@ def in_process(app, base_url: str) -> httpx.Client:
 
 
 class _Untouched:
-    """Stands in for ValidatorCore: any part may be looked up, none may be called."""
+    """Stands in for ValidatorCore: any part may be looked up, none may be called (but its
+    settings, which the app reads to size its limits)."""
+
+    settings = ValidatorSettings()
 
     def __getattr__(self, name: str) -> "_Untouched":
         return self
@@ -64,7 +68,8 @@ def test_validator_core_refusals_are_the_one_error_shape():
         with pytest.raises(SignatureRejected):
             raise_for_error(unsigned)
         bad_query = c.get("/v1/scores", params={"closed": 1000})
-        assert "0..100" in assert_error(bad_query, 400, "malformed")["message"]
+        assert "closed: Input should be less than or equal to 100" in assert_error(bad_query, 422,
+                                                                                 "malformed")["message"]
         with pytest.raises(Refused):
             raise_for_error(bad_query)
         malformed = c.post("/v1/admission/challenge", json={})

@@ -5,6 +5,7 @@ tampered answer caught by the client, and a stalled stream ended by the proxy's 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from cluster.errors import Refused, RequestRefused, SignatureRejected
@@ -24,7 +26,7 @@ from serve_apps import (
 from cluster.protocol.keys import PublicKey
 from serve_apps.echo import EchoApp
 from tests.serve_apps.conftest import assert_error
-from tests.support.net import free_port
+from tests.support.net import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +160,47 @@ def test_a_stalled_stream_ends_with_an_error_within_the_idle_timeout(world):
     took = time.monotonic() - t0
     assert b"idle timeout" in resp.content and b": receipt " not in resp.content
     assert took < 3 * 1.5, f"the stream took {took:.1f} s to end with a 1.5 s idle timeout"
+
+
+def slow_echo_asgi(echo: EchoApp, delay_s: float) -> Starlette:
+    """The echo app with ``delay_s`` before each streamed chunk: a client that leaves at
+    ``data: [DONE]`` is gone before the job's receipt event comes."""
+    async def endpoint(request):
+        resp = await echo(request)
+        if isinstance(resp, StreamingResponse):
+            inner = resp.body_iterator
+
+            async def slow():
+                async for chunk in inner:
+                    await asyncio.sleep(delay_s)
+                    yield chunk
+            resp.body_iterator = slow()
+        return resp
+    return Starlette(routes=[Route(PREFIX + "/{rest:path}", endpoint, methods=["GET", "POST"])])
+
+
+def test_clients_that_leave_early_still_leave_every_receipt_kept(tmp_path):
+    """10 clients close at ``data: [DONE]`` (as the openai client does), 5 after the first event:
+    the proxy reads each answer to its end, so every answer's receipt is kept, seqs without a gap."""
+    client = SigningKey()
+    echo = EchoApp(JOB, MINER.ss58, [client.public.model_dump()], route_prefix=PREFIX)
+    job = Served(slow_echo_asgi(echo, 0.05))
+    key = PublicKey.model_validate(httpx.get(f"{job.url}{PREFIX}/-/key").json()["job_key"])
+    proxy = MinerProxy(MINER, idle_timeout_s=5)
+    proxy.add_job(JobRoute(job_id=JOB, upstream=job.url, client_keys=[client.public], job_key=key))
+    front = Served(proxy.app)
+    try:
+        with httpx.Client(base_url=front.url, auth=RequestSigner(client, JOB), timeout=10) as c:
+            for i in range(15):
+                leave_at = b"data: [DONE]" if i < 10 else b"data: "
+                with c.stream("POST", f"{PREFIX}/echo?stream=1", content=b'{"pad": "%s"}' % (b"x" * 200)) as r:
+                    assert r.status_code == 200
+                    for line in r.iter_lines():
+                        if line.encode().startswith(leave_at):
+                            break  # the client goes; the job has not sent its receipt yet
+        wait_for(lambda: proxy.book.count(JOB) == 15, 10, "every answer's receipt kept")
+        seqs = [k["receipt"]["body"]["seq"] for k in proxy.book.page(JOB, after_seq=-1, limit=100)]
+        assert seqs == list(range(15))  # no chain gap
+    finally:
+        front.stop()
+        job.stop()

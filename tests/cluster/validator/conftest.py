@@ -8,12 +8,12 @@ PostgreSQL is never skipped: if it cannot start, the test fails with the reason.
 from __future__ import annotations
 
 import subprocess
-import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-import sqlalchemy as sa
+
+from tests.support.pg import fresh_database
 
 PG_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "postgres.sh"
 
@@ -38,14 +38,5 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'validator.db'}"
         return
-    base = sa.engine.make_url(request.getfixturevalue("postgres_server"))
-    name = f"rayhorde_t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield base.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:  # FORCE: closes connections a test's engines left open
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+    with fresh_database(request.getfixturevalue("postgres_server")) as url:
+        yield url

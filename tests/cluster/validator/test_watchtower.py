@@ -441,6 +441,7 @@ def test_the_watchtower_runs_in_its_own_thread(h, dashboard, gcs):
     try:
         assert "watchtower" in [t.name for t in threads]
         wait_for(lambda: gcs.drained, 10, "the rogue driver's node drained")
+        wait_for(lambda: incidents(h), 10, "the charge recorded (written after the drain)")
     finally:
         core.stop()
     assert incidents(h) == [(BOB.ss58, "miner", "rogue_workload")]

@@ -279,7 +279,8 @@ def _through_proxy(served, requests, model: str) -> list[Claim]:
 
     with ThreadPoolExecutor(8) as pool:
         rids = list(pool.map(send, requests))
-    kept = served["proxy"].jobs[JOB].receipts
+    kept = {rec["receipt"]["body"]["request_id"]: rec for rec in served["proxy"].book.page(JOB, after_seq=-1,
+                                                                                           limit=10**6)}
     out = []
     for rid in rids:
         rec = kept[rid]
