@@ -40,9 +40,10 @@ def test_job_run_prints_the_hello_world_result(stack):
     assert scored.exit_code == 0 and "(running;" in scored.output, scored.output
     [line] = [ln for ln in scored.output.splitlines() if f"{miner}..." in ln and "organic" in ln][:1]
     assert " 0 jobs" not in line  # the job it just completed counts for its miner
-    for bad, why in (("closed=1000", "ask for 0..100 closed cycles"), ("cycle=-1", "cycles count from 0")):
+    for bad, why in (("closed=1000", "closed: Input should be less than or equal to 100"),
+                     ("cycle=-1", "cycle: Input should be greater than or equal to 0")):
         resp = httpx.get(f"{stack.validator_url}/v1/scores?{bad}", timeout=10)
-        assert resp.status_code == 400 and why in resp.json()["error"]["message"]
+        assert resp.status_code == 422 and why in resp.json()["error"]["message"], resp.text
     logs = cli(stack, "job", "logs", job_id)
     assert logs.output.startswith("Hello, CLI!")
     listing = cli(stack, "job", "list")

@@ -8,10 +8,11 @@ harness of test_validator_service otherwise."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -130,6 +131,22 @@ def test_a_1_gb_body_is_refused_after_at_most_1_mb_read(h):
 
 
 # ---------------------------------------------------------------------------- long-polls and heartbeats
+LONG_POLLS = """
+import asyncio, json, sys
+import httpx
+
+async def main(port, plan):
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as c:
+        async def poll(kind, token, job, wait):
+            resp = await c.get(f"/v1/jobs/{job}?wait_s={wait}", headers={"Authorization": f"Bearer {token}"})
+            return kind, resp.status_code
+        return await asyncio.gather(*(poll(*p) for p in plan))
+
+print(json.dumps(asyncio.run(main(int(sys.argv[1]), json.load(sys.stdin)))))
+"""
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_hostile_long_polls_leave_heartbeats_answered_within_a_second(tmp_path: Path):
@@ -167,23 +184,21 @@ def test_hostile_long_polls_leave_heartbeats_answered_within_a_second(tmp_path: 
                     beats.append(time.monotonic() - t0)
                 time.sleep(0.5)
 
-    async def load() -> list[tuple[str, int]]:
-        limits = httpx.Limits(max_connections=400, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60, limits=limits) as c:
-            async def poll(kind: str, token: str, job: str, wait: str) -> tuple[str, int]:
-                resp = await c.get(f"/v1/jobs/{job}?wait_s={wait}", headers=bearer(token))
-                return kind, resp.status_code
-            calls = [poll("honest", tokens[i % 25], jobs[i % 25], "6") for i in range(100)]
-            calls += [poll("hostile_number", tokens[25], jobs[0], bad)
-                      for bad in ["NaN", "inf", "-1", "1e9", "1e400"] * 10]
-            calls += [poll("hostile_crowd", tokens[25], jobs[0], "30") for _ in range(50)]
-            return await asyncio.gather(*calls)
+    def load() -> list[tuple[str, int]]:
+        """The 200 long-polls from another process (they are other hosts' clients): their own
+        parsing does not compete with the server for this process's interpreter."""
+        plan = [("honest", tokens[i % 25], jobs[i % 25], "6") for i in range(100)]
+        plan += [("hostile_number", tokens[25], jobs[0], bad) for bad in ["NaN", "inf", "-1", "1e9", "1e400"] * 10]
+        plan += [("hostile_crowd", tokens[25], jobs[0], "30") for _ in range(50)]
+        out = subprocess.run([sys.executable, "-c", LONG_POLLS, str(port)], input=json.dumps(plan),
+                             capture_output=True, text=True, timeout=120, check=True)
+        return [tuple(r) for r in json.loads(out.stdout)]
 
     beater = threading.Thread(target=heartbeats, daemon=True)
     beater.start()
     try:
         started = time.monotonic()
-        results = asyncio.run(load())
+        results = load()
         took = time.monotonic() - started
     finally:
         stop.set()
@@ -195,6 +210,7 @@ def test_hostile_long_polls_leave_heartbeats_answered_within_a_second(tmp_path: 
     crowd = sorted(s for k, s in results if k == "hostile_crowd")
     assert crowd.count(200) == settings.long_polls_per_capability and set(crowd) == {200, 429}
     assert took < 40  # the held polls returned after their 6 s (or the crowd's 30 s), nothing hung
+    print(f"heartbeats: {len(beats)}, slowest {max(beats):.3f} s")
     assert len(beats) >= 10 and max(beats) < 1.0, beats
     with core.engine.connect() as conn:
         reasons = [r.reason for r in conn.execute(sa.select(db.incidents))]
